@@ -1,0 +1,133 @@
+"""Q-Former behaviour: MiniLM initialisation, the three attention masks, the public task functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from qformer.config import MINILM_L6, QFormerConfig
+from qformer.factory import minilm_qformer
+from qformer.model import QFormer, attention_mask, itc_similarity
+from qformer.tokenizer import load_tokenizer, minilm_dir, tokenize
+
+SMALL = QFormerConfig(vocab_size=200, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128,
+                      max_position_embeddings=40, encoder_width=48, num_query_tokens=6, embed_dim=16)
+
+
+@pytest.fixture(scope="module")
+def small() -> QFormer:
+    torch.manual_seed(0)
+    return QFormer(SMALL).eval()
+
+
+def rand_text(b=3, length=9, vocab=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def test_minilm_text_path_reproduces_minilm():
+    tok = load_tokenizer()
+    texts = ["a dog runs across the grass .", "two children play football on a sunny beach", "cat"]
+    ids, mask = tokenize(tok, texts)
+    bert = AutoModel.from_pretrained(str(minilm_dir())).eval()
+    qformer = minilm_qformer(MINILM_L6)
+    with torch.no_grad():
+        ref = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours = qformer.encode(ids, mask)
+    real = mask.bool()
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=0)
+
+
+def test_tokenizer_has_dec_bos():
+    tok = load_tokenizer()
+    assert tok.bos_token == "[DEC]" and tok.bos_token_id == MINILM_L6.bos_token_id == 30522
+    assert len(tok) == MINILM_L6.vocab_size
+
+
+def test_mask_shapes_and_rules():
+    text_mask = torch.tensor([[1, 1, 0]])
+    uni = attention_mask("unimodal", 2, text_mask)[0, 0]
+    bi = attention_mask("bidirectional", 2, text_mask)[0, 0]
+    causal = attention_mask("causal", 2, text_mask)[0, 0]
+    assert uni.shape == (5, 5)
+    expected_uni = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0]])
+    expected_bi = torch.tensor([[1, 1, 1, 1, 0]] * 5)
+    expected_causal = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    assert torch.equal(uni.int(), expected_uni)
+    assert torch.equal(bi.int(), expected_bi)
+    assert torch.equal(causal.int(), expected_causal)
+
+
+def test_unimodal_joint_pass_equals_separate_itc_passes(small):
+    image = torch.randn(3, 10, SMALL.encoder_width)
+    ids, mask = rand_text()
+    with torch.no_grad():
+        kv = small.image_kv(image)
+        joint = small.encode(ids, mask, kv=kv, mask_kind="unimodal")
+        queries_alone = small.encode(kv=kv)
+        text_alone = small.encode(ids, mask)
+    q = SMALL.num_query_tokens
+    torch.testing.assert_close(joint[:, :q], queries_alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(joint[:, q:][mask.bool()], text_alone[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_causal_mask_queries_ignore_text_and_text_ignores_future(small):
+    image = torch.randn(1, 10, SMALL.encoder_width)
+    ids, mask = rand_text(b=1)
+    mask[:] = 1
+    changed = ids.clone()
+    changed[0, 6:] = 7  # change only the future of position 5
+    with torch.no_grad():
+        a = small.encode(ids, mask, kv=small.image_kv(image), mask_kind="causal")
+        b = small.encode(changed, mask, kv=small.image_kv(image), mask_kind="causal")
+        c = small.encode(ids, mask, kv=small.image_kv(image), mask_kind="bidirectional")
+        d = small.encode(changed, mask, kv=small.image_kv(image), mask_kind="bidirectional")
+    q = SMALL.num_query_tokens
+    torch.testing.assert_close(a[:, : q + 6], b[:, : q + 6], atol=1e-6, rtol=0)
+    assert (a[:, q + 6 :] - b[:, q + 6 :]).abs().max() > 1e-3
+    assert (c[:, :q] - d[:, :q]).abs().max() > 1e-3  # ITM queries do see the text
+
+
+def test_public_functions_shapes_and_normalisation(small):
+    image = torch.randn(2, 10, SMALL.encoder_width)
+    ids, mask = rand_text()
+    with torch.no_grad():
+        img = small.encode_image(image)
+        txt = small.encode_text(ids, mask)
+        sim = itc_similarity(img, txt)
+        itm = small.itm_logits(image[[0, 1, 0]], ids, mask)
+        match = small.itm_match_logit(small.image_kv(image[:1]), ids, mask)
+        itg = small.itg_logits(image[[0, 1, 0]], ids, mask)
+    assert img.shape == (2, SMALL.num_query_tokens, SMALL.embed_dim)
+    assert txt.shape == (3, SMALL.embed_dim)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(2, SMALL.num_query_tokens))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3))
+    naive = torch.stack([torch.stack([(img[i] @ txt[t]).max() for t in range(3)]) for i in range(2)])
+    torch.testing.assert_close(sim, naive)
+    assert itm.shape == (3, 2) and match.shape == (3,)
+    torch.testing.assert_close(match[0], itm[0, 1], atol=1e-5, rtol=0)
+    assert itg.shape == (3, ids.shape[1], SMALL.vocab_size)
+
+
+def test_padding_does_not_change_outputs(small):
+    image = torch.randn(1, 10, SMALL.encoder_width)
+    ids, mask = rand_text(b=1, length=6)
+    mask[:] = 1
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=ids.dtype)], 1)
+    pmask = torch.cat([mask, torch.zeros(1, 4, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(small.encode_text(ids, mask), small.encode_text(padded, pmask), atol=1e-6, rtol=0)
+        torch.testing.assert_close(small.itm_logits(image, ids, mask), small.itm_logits(image, padded, pmask),
+                                   atol=1e-6, rtol=0)
+
+
+def test_config_round_trip():
+    assert QFormerConfig.from_dict(SMALL.to_dict()) == SMALL
+    with pytest.raises(ValueError, match="unknown"):
+        QFormerConfig.from_dict({**SMALL.to_dict(), "nope": 1})
