@@ -245,6 +245,7 @@ class QFormer(nn.Module):
 
     def encode_text(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
         """Token ids [B,L] with mask [B,L] -> L2-normalised ITC embedding of [CLS], [B,D]."""
+        input_ids, text_mask = trim_padding(input_ids, text_mask)
         h = self.encode(input_ids, text_mask)
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
@@ -252,6 +253,7 @@ class QFormer(nn.Module):
         """ITM logits [B,2] (no-match, match) for pairs: image tokens [B,N,C] (or `image_kv` output, batch
         B or 1) with texts [B,L]. Queries and text see each other; the head is averaged over queries."""
         kv = self.image_kv(image) if isinstance(image, Tensor) else image
+        input_ids, text_mask = trim_padding(input_ids, text_mask)
         h = self.encode(input_ids, text_mask, kv=kv, mask_kind="bidirectional")
         q = self.config.num_query_tokens
         return self.itm_head(h[:, :q]).mean(dim=1)
@@ -268,7 +270,7 @@ class QFormer(nn.Module):
         return self.lm_head(h[:, self.config.num_query_tokens :], self.embeddings.word.weight)
 
 
-def itc_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-    """ITC cosine similarity [Ni,Nt]: max over the Q query embeddings [Ni,Q,D] of each image against
-    text embeddings [Nt,D] (both L2-normalised; no temperature)."""
-    return torch.einsum("iqd,td->itq", image_embeds, text_embeds).amax(dim=-1)
+def trim_padding(input_ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop trailing columns that are padding in every row: masked keys change no output."""
+    keep = int(text_mask.any(dim=0).nonzero().max()) + 1 if text_mask.any() else 1
+    return input_ids[:, :keep], text_mask[:, :keep]

@@ -1,0 +1,134 @@
+"""Retrieval benchmark: embed a dataset, then score it with the paper's protocol (ITC top-k_test, ITM
+re-ranking, recall@K), reporting ITC-only and ITC+ITM rows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from qformer.datasets import RetrievalSet
+from qformer.factory import Blip2Retriever
+from qformer.model import CrossKV
+from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
+
+
+class ImageFiles(Dataset):
+    """Image files -> preprocessed pixels, decoded in DataLoader workers."""
+
+    def __init__(self, paths: list[Path], transform: Callable[[Image.Image], Tensor]):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        try:
+            with Image.open(self.paths[i]) as im:
+                return self.transform(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise RuntimeError(f"cannot read image {self.paths[i]}: {e}") from e
+
+
+@dataclass
+class EmbeddedSet:
+    image_embeds: Tensor  # [Ni,Q,D] normalised ITC query embeddings
+    image_tokens: Tensor  # [Ni,N,C] frozen-encoder tokens, for ITM
+    text_embeds: Tensor  # [Nt,D]
+    text_ids: Tensor  # [Nt,L]
+    text_mask: Tensor  # [Nt,L]
+
+
+def embed_dataset(
+    model: Blip2Retriever,
+    data: RetrievalSet,
+    batch_size: int = 64,
+    text_batch_size: int = 256,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> EmbeddedSet:
+    """ITC embeddings of every image and caption, and the image tokens ITM needs."""
+    loader = DataLoader(ImageFiles(data.image_paths, model.preprocess()), batch_size=batch_size,
+                        num_workers=num_workers, persistent_workers=False)
+    embeds, tokens = [], []
+    for pixels in tqdm(loader, desc="images", unit="batch", disable=not progress):
+        e, t = model.embed_images(pixels)
+        embeds.append(e)
+        tokens.append(t)
+    ids, mask = model.tokenize(data.texts)
+    text = [model.qformer.encode_text(ids[i : i + text_batch_size], mask[i : i + text_batch_size])
+            for i in tqdm(range(0, len(ids), text_batch_size), desc="texts", unit="batch", disable=not progress)]
+    return EmbeddedSet(torch.cat(embeds), torch.cat(tokens), torch.cat(text), ids, mask)
+
+
+def kv_bytes_per_image(model: Blip2Retriever, num_tokens: int, element_size: int = 4) -> int:
+    c = model.qformer.config
+    return len(c.cross_layers) * 2 * num_tokens * c.hidden_size * element_size
+
+
+def make_itm_fn(
+    model: Blip2Retriever, emb: EmbeddedSet, kv_cache_bytes: int = 2 << 30
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """itm_fn(image_idx [P], text_idx [P]) -> match logits [P].
+
+    Cross-attention keys/values are text-independent: a batch whose pairs share one image computes them
+    once; when all images' keys/values fit in `kv_cache_bytes` they are computed once for the whole run.
+    """
+    q = model.qformer
+    n_img, n_tok = emb.image_tokens.shape[:2]
+    cache: CrossKV | None = None
+    if n_img * kv_bytes_per_image(model, n_tok, emb.image_tokens.element_size()) <= kv_cache_bytes:
+        chunks = [q.image_kv(emb.image_tokens[i : i + 64]) for i in range(0, n_img, 64)]
+        cache = [(torch.cat([c[j][0] for c in chunks]), torch.cat([c[j][1] for c in chunks]))
+                 for j in range(len(chunks[0]))]
+
+    def image_kv(idx: Tensor) -> CrossKV:
+        if cache is not None:
+            return [(k[idx], v[idx]) for k, v in cache]
+        return q.image_kv(emb.image_tokens[idx])
+
+    @torch.inference_mode()
+    def itm_fn(image_idx: Tensor, text_idx: Tensor) -> Tensor:
+        mask = emb.text_mask[text_idx]
+        length = int(mask.sum(1).max())  # trim padding columns shared by the whole batch
+        ids, mask = emb.text_ids[text_idx, :length], mask[:, :length]
+        shared = bool((image_idx == image_idx[0]).all())
+        kv = image_kv(image_idx[:1] if shared else image_idx)
+        return q.itm_match_logit(kv, ids, mask).float()
+
+    return itm_fn
+
+
+def evaluate_retrieval(
+    model: Blip2Retriever,
+    data: RetrievalSet,
+    k_test: int = 128,
+    batch_size: int = 64,
+    itm_batch_size: int = 128,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Recall@1/5/10 both ways, ITC-only and ITC+ITM (k_test=0 skips ITM), with timings."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        emb = embed_dataset(model, data, batch_size, num_workers=num_workers, progress=progress)
+        t1 = time.perf_counter()
+        itc = itc_similarity(emb.image_embeds.float(), emb.text_embeds.float())  # [Ni,Nt]
+        results: dict[str, Any] = {"itc": recall_at_k(itc, itc.t(), data.img2txt, data.txt2img)}
+        t2 = time.perf_counter()
+        if k_test > 0:
+            i2t, t2i = rerank_with_itm(itc, make_itm_fn(model, emb), k=k_test, batch_size=itm_batch_size,
+                                       progress=progress)
+            results["itc+itm"] = recall_at_k(i2t, t2i, data.img2txt, data.txt2img)
+        t3 = time.perf_counter()
+    results["seconds"] = {"embed": round(t1 - t0, 2), "itc": round(t2 - t1, 2), "itm": round(t3 - t2, 2)}
+    results["n_images"], results["n_texts"], results["k_test"] = len(data.image_paths), len(data.texts), k_test
+    return results

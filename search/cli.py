@@ -1,0 +1,121 @@
+"""The `qsearch` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_CAPTIONS = [
+    "a cat looking at the camera",
+    "an astronaut in a space suit",
+    "a cup of coffee on a table",
+    "a rocket on the launch pad",
+]
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embed a few real sample photos and print their ITC and ITM scores against a few captions."""
+    import torch
+    from PIL import Image
+    from skimage import data as samples
+
+    from qformer.factory import create_model
+    from qformer.retrieval import itc_similarity
+
+    model = create_model(args.model, _device(args.device))
+    names = ["chelsea", "astronaut", "coffee", "rocket"]
+    images = [Image.fromarray(getattr(samples, n)()) for n in names]
+    pixels = torch.stack([model.preprocess()(im) for im in images])
+    image_embeds, tokens = model.embed_images(pixels)
+    itc = itc_similarity(image_embeds, model.embed_texts(DEMO_CAPTIONS))  # [images, captions]
+    itm = torch.stack([model.itm_match_logit(tokens[i : i + 1], DEMO_CAPTIONS) for i in range(len(images))])
+    rows = [{"image": n, "caption": c, "itc": round(float(itc[i, j]), 4), "itm": round(float(itm[i, j]), 4),
+             "score": round(float(itc[i, j] + itm[i, j]), 4)}
+            for i, n in enumerate(names) for j, c in enumerate(DEMO_CAPTIONS)]
+    if args.json:
+        print(json.dumps({"model": model.name, "scores": rows}, indent=2))
+        return 0
+    print(f"model: {model.name}   (score = ITM match logit + ITC cosine)")
+    print(f"{'image':<10} {'caption':<32} {'itc':>8} {'itm':>8} {'score':>8}")
+    for r in rows:
+        print(f"{r['image']:<10} {r['caption']:<32} {r['itc']:>8.4f} {r['itm']:>8.4f} {r['score']:>8.4f}")
+    return 0
+
+
+def cmd_bench_retrieval(args: argparse.Namespace) -> int:
+    """Recall@K on a retrieval dataset with the paper's protocol."""
+    from qformer.datasets import load_retrieval_set
+    from qformer.evaluate import evaluate_retrieval
+    from qformer.factory import create_model
+    from qformer.retrieval import format_table
+
+    data = load_retrieval_set(args.dataset, Path(args.root), args.split)
+    if args.max_images:
+        data = data.head(args.max_images)
+    model = create_model(args.model, _device(args.device))
+    res = evaluate_retrieval(model, data, k_test=args.k_test, batch_size=args.batch_size,
+                             itm_batch_size=args.itm_batch_size, num_workers=args.workers,
+                             progress=not args.quiet)
+    rows = {k: v for k, v in res.items() if k in ("itc", "itc+itm")}
+    out = {"model": model.name, "dataset": args.dataset, "split": args.split, "root": str(args.root),
+           "device": str(model.device), **res}
+    print(f"{args.dataset} {args.split}: {res['n_images']} images, {res['n_texts']} texts, "
+          f"model {model.name}, k_test {args.k_test}, {res['seconds']}")
+    print(format_table(rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qsearch", description="Image-text search on the BLIP-2 Q-Former.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="score a few sample photos against a few captions (offline)")
+    d.add_argument("--model", default="blip2-tiny-init", help="model name, checkpoint directory/file or hub id")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    r = bsub.add_parser("retrieval", help="recall@K with ITC and ITC+ITM re-ranking (the paper's protocol)")
+    r.add_argument("--dataset", required=True, help="flickr8k | coco | flickr30k | karpathy-<name> | lavis")
+    r.add_argument("--root", required=True, help="dataset directory (see qformer/datasets.py for layouts)")
+    r.add_argument("--split", default="test")
+    r.add_argument("--model", default="blip2-tiny-init")
+    r.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    r.add_argument("--k-test", type=int, default=128, help="ITM re-ranks the top k by ITC (0: ITC only)")
+    r.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    r.add_argument("--itm-batch-size", type=int, default=128, help="pairs per ITM batch")
+    r.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    r.add_argument("--max-images", type=int, default=0, help="only the first N images (quick runs)")
+    r.add_argument("--out", help="write the results as JSON here")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_bench_retrieval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # includes CheckpointError: clear message, no traceback
+        print(f"qsearch: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
