@@ -21,6 +21,10 @@ from qformer.model import CrossKV
 from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
 
 
+class ImageReadError(ValueError):
+    """An image file that cannot be decoded."""
+
+
 class ImageFiles(Dataset):
     """Image files -> preprocessed pixels, decoded in DataLoader workers."""
 
@@ -35,7 +39,7 @@ class ImageFiles(Dataset):
             with Image.open(self.paths[i]) as im:
                 return self.transform(im)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise RuntimeError(f"cannot read image {self.paths[i]}: {e}") from e
+            raise ImageReadError(f"cannot read image {self.paths[i]}: {e}") from e
 
 
 @dataclass

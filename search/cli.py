@@ -63,6 +63,8 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     if args.max_images:
         data = data.head(args.max_images)
     model = create_model(args.model, _device(args.device))
+    if model.device.type == "cuda":  # frozen tower in half precision; the Q-Former stays fp32 (as transformers)
+        model.encoder.half()
     res = evaluate_retrieval(model, data, k_test=args.k_test, batch_size=args.batch_size,
                              itm_batch_size=args.itm_batch_size, num_workers=args.workers,
                              progress=not args.quiet)

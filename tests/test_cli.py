@@ -1,0 +1,88 @@
+"""The `qsearch` command line as a user runs it: demo and bench retrieval, and their errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import FLICKR8K, LAVIS_TINY, needs_flickr8k
+
+from search.cli import main
+
+ROWS = ("itc", "itc+itm")
+KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
+
+
+def check_results(res: dict, n_images: int, n_texts: int) -> None:
+    assert res["n_images"] == n_images and res["n_texts"] == n_texts
+    for row in ROWS:
+        for k in KEYS:
+            assert 0.0 <= res[row][k] <= 100.0, (row, k, res[row][k])
+        assert res[row]["txt_r1"] <= res[row]["txt_r5"] <= res[row]["txt_r10"]
+        assert res[row]["img_r1"] <= res[row]["img_r5"] <= res[row]["img_r10"]
+
+
+def test_demo_console_script_offline():
+    out = subprocess.run([sys.executable, "-m", "search.cli", "demo", "--json", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", **_env()})
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["model"] == "blip2-tiny-init"
+    assert len(res["scores"]) == 16
+    for r in res["scores"]:
+        assert r["score"] == pytest.approx(r["itc"] + r["itm"], abs=2e-4)
+        assert -1.0 <= r["itc"] <= 1.0
+
+
+def _env() -> dict:
+    import os
+
+    return dict(os.environ)
+
+
+def test_bench_retrieval_lavis_fixture(small_model_dir, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    rc = main(["bench", "retrieval", "--dataset", "lavis", "--root", str(LAVIS_TINY), "--split", "test",
+               "--model", str(small_model_dir), "--k-test", "128", "--workers", "0", "--quiet", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "itc+itm" in printed and "txt_r1" in printed
+    res = json.loads(out.read_text())
+    check_results(res, 6, 12)
+    assert res["k_test"] == 128 and res["model"] == "small-random"
+
+
+@needs_flickr8k
+def test_bench_retrieval_flickr8k_dev(small_model_dir, tmp_path):
+    out = tmp_path / "res.json"
+    rc = main(["bench", "retrieval", "--dataset", "flickr8k", "--root", str(FLICKR8K), "--split", "dev",
+               "--model", str(small_model_dir), "--k-test", "8", "--quiet", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    check_results(res, 1000, 5000)
+    # a random model is near chance: R@10 of 1000 images is 1% by chance (5% for i2t with 5 captions)
+    assert res["itc"]["img_r10"] < 10 and res["itc"]["txt_r10"] < 25
+
+
+def test_bench_errors_are_clear(tmp_path, capsys):
+    assert main(["bench", "retrieval", "--dataset", "lavis", "--root", str(tmp_path / "nope"), "--split", "test"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["bench", "retrieval", "--dataset", "imagenet", "--root", str(tmp_path), "--split", "test"]) == 2
+    assert "imagenet" in capsys.readouterr().err
+    assert main(["bench", "retrieval", "--dataset", "lavis", "--root", str(LAVIS_TINY), "--split", "test",
+                 "--model", str(tmp_path)]) == 2
+    assert "neither" in capsys.readouterr().err
+
+
+def test_bench_corrupt_image_names_the_file(small_model_dir, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "lavis"
+    shutil.copytree(LAVIS_TINY, root)
+    (root / "images" / "red.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rc = main(["bench", "retrieval", "--dataset", "lavis", "--root", str(root), "--split", "test",
+               "--model", str(small_model_dir), "--workers", "0", "--quiet"])
+    assert rc == 2
+    assert "red.png" in capsys.readouterr().err
