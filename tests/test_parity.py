@@ -161,3 +161,9 @@ def test_wrong_checkpoints_get_clear_errors(tmp_path, hf_dir):
         create_model(tmp_path / "other.pth")
     with pytest.raises(ckpt.CheckpointError, match="unknown model"):
         create_model("no-such-model")
+
+
+def test_hub_id_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ckpt.CheckpointError, match=r"(?s)could not fetch 'Salesforce/blip2-itm-vit-g'.*local directory"):
+        create_model("blip2-itm-vit-g")
