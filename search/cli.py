@@ -52,6 +52,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption image files with the Q-Former's ITG decoder (beam search)."""
+    from PIL import Image, ImageOps
+
+    from qformer.caption import caption_images
+    from qformer.factory import create_model
+
+    images, names, failed = [], [], []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                images.append(ImageOps.exif_transpose(im).convert("RGB"))
+            names.append(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            failed.append(path)
+            print(f"qsearch: skipping {path}: cannot read image ({e})", file=sys.stderr)
+    captions = []
+    if images:
+        model = create_model(args.model, _device(args.device))
+        captions = caption_images(model, images, batch_size=args.batch_size, num_beams=args.beams,
+                                  max_length=args.max_length, min_length=args.min_length)
+    if args.json:
+        print(json.dumps([{"path": n, "caption": c} for n, c in zip(names, captions, strict=True)], indent=2))
+    else:
+        for n, c in zip(names, captions, strict=True):
+            print(f"{n}\t{c}")
+    return 1 if failed else 0
+
+
 def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     """Recall@K on a retrieval dataset with the paper's protocol."""
     from qformer.datasets import load_retrieval_set
@@ -90,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("caption", help="caption images with the Q-Former's ITG decoder")
+    c.add_argument("images", nargs="+", help="image files")
+    c.add_argument("--model", default="blip2-tiny-init")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--beams", type=int, default=3)
+    c.add_argument("--max-length", type=int, default=30)
+    c.add_argument("--min-length", type=int, default=10)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_caption)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

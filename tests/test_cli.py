@@ -86,3 +86,18 @@ def test_bench_corrupt_image_names_the_file(small_model_dir, tmp_path, capsys):
                "--model", str(small_model_dir), "--workers", "0", "--quiet"])
     assert rc == 2
     assert "red.png" in capsys.readouterr().err
+
+
+def test_caption_cli_json_and_bad_files(small_model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    rc = main(["caption", str(tmp_path / "red.jpg"), str(tmp_path / "broken.jpg"), "--model", str(small_model_dir),
+               "--json", "--max-length", "6", "--min-length", "3", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 1  # one file failed, and the run still captioned the other
+    assert "broken.jpg" in captured.err
+    out = json.loads(captured.out)
+    assert [r["path"] for r in out] == [str(tmp_path / "red.jpg")]
+    assert isinstance(out[0]["caption"], str) and 1 <= len(out[0]["caption"].split()) <= 5  # at most 5 word pieces
