@@ -81,6 +81,17 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_train_stage1(args: argparse.Namespace) -> int:
+    """Stage-1 training (ITC + ITM + ITG) of the Q-Former."""
+    import logging
+
+    from qformer.train import config_from_args, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"final checkpoint: {train(config_from_args(args))}")
+    return 0
+
+
 def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     """Recall@K on a retrieval dataset with the paper's protocol."""
     from qformer.datasets import load_retrieval_set
@@ -130,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_caption)
+
+    t = sub.add_parser("train", help="training")
+    tsub = t.add_subparsers(dest="stage", required=True)
+    from qformer.train import add_arguments
+
+    add_arguments(tsub.add_parser("stage1", help="stage 1: ITC + ITM + ITG on image-caption pairs"))
+    tsub.choices["stage1"].set_defaults(func=cmd_train_stage1)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -1,0 +1,222 @@
+"""A disk cache of frozen-encoder image tokens, so that stage-1 training runs the image encoder once.
+
+Layout of a cache directory:
+
+    features.npy   [N_img, N, C] array (fp16 by default), row i = image i of `paths`; memory-mapped on read
+    index.json     {"paths", "shape", "dtype", "encoder" (spec), "skipped": {path: reason}, "complete"}
+
+Building is crash-safe and resumable: rows go into `features.npy.partial` (a memory-mapped .npy) and
+`progress.json` records how many rows are done (and which images were skipped) after every flushed
+batch; a rebuild with the same paths and encoder continues from there. Only when every row is written
+is the array renamed to `features.npy` and `index.json` written (atomically, via a temporary file), so a
+directory with an `index.json` always holds a complete cache.
+
+An image that cannot be read (missing, truncated, not an image) is logged with the reason, recorded
+in `skipped`, its row left as zeros and marked invalid (`FeatureCache.valid`); the build goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from qformer.encoders import ImageEncoder
+
+logger = logging.getLogger(__name__)
+
+FEATURES = "features.npy"
+INDEX = "index.json"
+PARTIAL = "features.npy.partial"
+PROGRESS = "progress.json"
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def read_image(path: Path, transform: Callable[[Image.Image], Tensor]) -> tuple[Tensor | None, str]:
+    """(pixels, "") or (None, reason) for an image that cannot be decoded; never raises for bad files."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode fully now: a truncated file fails here, not later
+            return transform(im), ""
+    except FileNotFoundError:
+        return None, "file not found"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+class _ImageFiles(Dataset):
+    """Image i -> (i, pixels [3,S,S] or None, reason)."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor]):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str]:
+        pixels, reason = read_image(self.paths[i], self.transform)
+        return i, pixels, reason
+
+
+def _collate(items: list[tuple[int, Tensor | None, str]]) -> list[tuple[int, Tensor | None, str]]:
+    return items  # stacked in the main process, after dropping unreadable images
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a crash leaves either the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    """Read side: `cache[i]` -> tokens [N,C], `cache[[i, j]]` -> [k,N,C] (torch, stored dtype).
+
+    The array is memory-mapped lazily (and re-opened after pickling, e.g. in DataLoader workers).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index_path = self.directory / INDEX
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{self.directory}: no {INDEX}; not a (complete) feature cache")
+        index = json.loads(index_path.read_text())
+        self.paths: list[str] = index["paths"]
+        self.shape: tuple[int, ...] = tuple(index["shape"])
+        self.dtype: str = index["dtype"]
+        self.encoder: dict[str, Any] = index["encoder"]
+        self.skipped: dict[str, str] = index["skipped"]
+        self.valid = np.array([p not in self.skipped for p in self.paths], dtype=bool)  # [N_img]
+        self._row = {p: i for i, p in enumerate(self.paths)}
+        self._array: np.ndarray | None = None
+
+    # -- building ----------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model_or_encoder: Any,
+        paths: Sequence[str | Path],
+        out_dir: str | Path,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        dtype: str = "float16",
+        flush_every: int = 8,
+        progress: bool = True,
+    ) -> FeatureCache:
+        """Encode every image of `paths` with the frozen encoder (a `Blip2Retriever` or an `ImageEncoder`)
+        and store the tokens in `out_dir`; returns the opened cache.
+
+        A complete cache for the same paths and encoder is reused as is; a partial one is resumed; a cache
+        for other paths or another encoder is an error (use another directory). `flush_every`: batches
+        between progress records (what a crash can lose).
+        """
+        encoder: ImageEncoder = getattr(model_or_encoder, "encoder", model_or_encoder)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        keys = [str(p) for p in paths]
+        if len(set(keys)) != len(keys):
+            raise ValueError("FeatureCache.build: duplicate image paths")
+        spec = encoder.spec()
+        if (out / INDEX).is_file():
+            cache = cls(out)
+            if cache.paths != keys or cache.encoder != spec or cache.dtype != dtype:
+                raise ValueError(f"{out}: holds a feature cache of other images, encoder or dtype; "
+                                 "use another directory or delete it")
+            return cache
+
+        device = next(encoder.parameters()).device
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, encoder.image_size, encoder.image_size, device=device)
+            n_tok, width = encoder(probe).shape[1:]
+        shape = (len(keys), int(n_tok), int(width))
+
+        done, skipped = 0, {}
+        progress_path = out / PROGRESS
+        if progress_path.is_file() and (out / FEATURES).is_file() and not (out / PARTIAL).is_file():
+            os.replace(out / FEATURES, out / PARTIAL)  # died between the final rename and writing the index
+        if progress_path.is_file() and (out / PARTIAL).is_file():
+            state = json.loads(progress_path.read_text())
+            if state["paths"] == keys and state["encoder"] == spec and state["dtype"] == dtype:
+                done, skipped = state["done"], state["skipped"]
+                logger.info("resuming feature cache %s at image %d of %d", out, done, len(keys))
+        if done == 0:
+            arr = np.lib.format.open_memmap(out / PARTIAL, mode="w+", dtype=_DTYPES[dtype], shape=shape)
+        else:
+            arr = np.load(out / PARTIAL, mmap_mode="r+")
+
+        def record(arr: np.ndarray, done: int) -> None:  # rows before `done` are on disk
+            arr.flush()
+            _write_json(progress_path, {"paths": keys, "encoder": spec, "dtype": dtype, "done": done,
+                                        "skipped": skipped})
+
+        start = done  # loader item i is image start + i
+        loader = DataLoader(_ImageFiles([Path(k) for k in keys[start:]], encoder.preprocess()),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+        bar = tqdm(total=len(keys), initial=done, desc="image features", unit="img", disable=not progress)
+        for n_batch, items in enumerate(loader, start=1):
+            good = []
+            for i, pixels, reason in items:
+                if pixels is None:
+                    key = keys[start + i]
+                    logger.warning("skipping image %s: %s", key, reason)
+                    skipped[key] = reason
+                else:
+                    good.append((i, pixels))
+            if good:
+                rows = np.array([start + i for i, _ in good])
+                with torch.inference_mode():
+                    tokens = encoder(torch.stack([p for _, p in good]).to(device))  # [b,N,C]
+                arr[rows] = tokens.float().cpu().numpy().astype(arr.dtype)
+            done += len(items)
+            bar.update(len(items))
+            if n_batch % flush_every == 0:
+                record(arr, done)
+        bar.close()
+        record(arr, done)
+        del arr
+        os.replace(out / PARTIAL, out / FEATURES)
+        _write_json(out / INDEX, {"paths": keys, "shape": list(shape), "dtype": dtype, "encoder": spec,
+                                  "skipped": skipped, "complete": True})
+        progress_path.unlink(missing_ok=True)
+        if skipped:
+            logger.warning("feature cache %s: skipped %d of %d images (see %s)", out, len(skipped), len(keys),
+                           out / INDEX)
+        return cls(out)
+
+    @classmethod
+    def open(cls, directory: str | Path) -> FeatureCache:
+        """A complete cache directory (raises FileNotFoundError otherwise)."""
+        return cls(directory)
+
+    # -- reading -----------------------------------------------------------------------------------------
+    @property
+    def array(self) -> np.ndarray:
+        """The memory-mapped [N_img,N,C] array."""
+        if self._array is None:
+            self._array = np.load(self.directory / FEATURES, mmap_mode="r")
+        return self._array
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}  # never pickle the mapped data
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: int | slice | Sequence[int] | np.ndarray | Tensor) -> Tensor:
+        if isinstance(idx, Tensor):
+            idx = idx.cpu().numpy()
+        return torch.from_numpy(np.array(self.array[idx]))  # a copy: the map stays read-only
+
+    def row(self, path: str | Path) -> int:
+        """Row of an image path."""
+        return self._row[str(path)]

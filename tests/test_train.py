@@ -1,0 +1,416 @@
+"""Stage-1 training: the losses, the feature cache, the training loop, exact resume after a kill.
+
+A small random Q-Former on the real EfficientNet-Lite0 encoder and tokenizer, on a handful of real
+Flickr8k training images (skipped when the shared data set is not there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from qformer.config import QFormerConfig
+from qformer.encoders import EfficientNetLiteEncoder
+from qformer.factory import Blip2Retriever, create_model
+from qformer.features import FeatureCache
+from qformer.losses import (
+    itc_loss,
+    itg_loss,
+    positive_mask,
+    sample_hard_negatives,
+    stage1_losses,
+)
+from qformer.model import QFormer
+from qformer.tokenizer import TRAIN_MAX_LENGTH, load_tokenizer, tokenize
+from qformer.train import (
+    CaptionPairs,
+    Collate,
+    EpochBatches,
+    PairDataset,
+    TrainConfig,
+    list_checkpoints,
+    load_pairs,
+    load_train_state,
+    lr_at,
+    train,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared/data/flickr8k"
+REPO = Path(__file__).resolve().parents[1]
+SMALL = QFormerConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, num_query_tokens=8,
+                      embed_dim=32, encoder_width=1280, vocab_size=30523)
+N_IMAGES = 8  # 40 pairs
+
+needs_data = pytest.mark.skipif(not (DATA / "Flickr8k.token.txt").is_file(),
+                                reason=f"Flickr8k not found at {DATA} (shared data set absent)")
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def encoder() -> EfficientNetLiteEncoder:
+    return EfficientNetLiteEncoder("lite0")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def small_model(encoder, tokenizer, seed: int = 0) -> Blip2Retriever:
+    torch.manual_seed(seed)
+    return Blip2Retriever(encoder, QFormer(SMALL), tokenizer, "small")
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory, encoder, tokenizer) -> Path:
+    """The untrained small model as a qsearch checkpoint directory (the training runs' --model)."""
+    return small_model(encoder, tokenizer).save_pretrained(tmp_path_factory.mktemp("small") / "model")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    if not (DATA / "Flickr8k.token.txt").is_file():
+        pytest.skip(f"Flickr8k not found at {DATA} (shared data set absent)")
+    return load_pairs("flickr8k", DATA, "train", max_images=N_IMAGES)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, encoder, pairs) -> Path:
+    d = tmp_path_factory.mktemp("features")
+    FeatureCache.build(encoder, pairs.image_paths, d, batch_size=8, progress=False)
+    return d
+
+
+def run_config(out_dir: Path, model: Path, cache_dir: Path, **kw) -> TrainConfig:
+    base = dict(data_root=str(DATA), max_images=N_IMAGES, model=str(model), out_dir=str(out_dir),
+                cache_dir=str(cache_dir), batch_size=8, lr=1e-3, warmup_steps=2, log_every=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def rand_batch(b: int, length: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(b, 49, 1280, generator=g)
+    ids = torch.randint(1000, 5000, (b, length), generator=g)
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    mask[0, length // 2 :] = 0
+    ids[mask == 0] = 0
+    return tokens, ids, mask
+
+
+# ---- losses -------------------------------------------------------------------------------------------------
+def test_hard_negatives_never_pick_a_positive():
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])  # captions of the same image share an id
+    pos = positive_mask(ids, len(ids), torch.device("cpu"))
+    assert torch.equal(pos, ids[:, None] == ids[None, :])
+    sim = torch.where(pos, 50.0, 0.0)  # positives would win every softmax draw were they not masked
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rows, cols = sample_hard_negatives(sim, pos, g)
+        assert torch.equal(rows, torch.arange(len(ids)))
+        assert not pos[rows, cols].any()
+    # a row whose every candidate is the same image has no negative and is left out
+    rows, cols = sample_hard_negatives(torch.zeros(3, 3), torch.ones(3, 3, dtype=torch.bool), g)
+    assert rows.numel() == 0 and cols.numel() == 0
+    # the draw follows softmax(sim): the hardest negative is picked most often
+    sim = torch.tensor([[9.0, 3.0, 0.0, -2.0]]).expand(500, -1)
+    pos = torch.zeros(500, 4, dtype=torch.bool)
+    pos[:, 0] = True
+    _, cols = sample_hard_negatives(sim, pos, g)
+    assert (cols == 1).float().mean() > 0.8 and not (cols == 0).any()
+
+
+def test_itc_label_smoothing():
+    g = torch.Generator().manual_seed(1)
+    sim_i2t, sim_t2i = torch.randn(6, 6, generator=g), torch.randn(6, 6, generator=g)
+    pos = torch.eye(6, dtype=torch.bool)
+    targets = torch.arange(6)
+    expected = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
+                + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+    torch.testing.assert_close(itc_loss(sim_i2t, sim_t2i, pos), expected)
+    # even a perfect separation keeps a loss: the smoothed targets put 0.1/G on every column
+    perfect = torch.eye(6) * 100
+    assert itc_loss(perfect, perfect, pos) > 0.1
+    # two captions of one image: both are positives with half the mass each
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    pos2 = positive_mask(ids, 6, torch.device("cpu"))
+    t = (0.9 * pos2.float() / pos2.float().sum(1, keepdim=True) + 0.1 / 6)
+    expected2 = -(F.log_softmax(sim_i2t, 1) * t).sum(1).mean() / 2 - (F.log_softmax(sim_t2i, 1) * t).sum(1).mean() / 2
+    torch.testing.assert_close(itc_loss(sim_i2t, sim_t2i, pos2), expected2)
+
+
+def test_itg_uses_dec_shift_padding_and_smoothing():
+    torch.manual_seed(0)
+    q = QFormer(SMALL).eval()
+    tokens, ids, mask = rand_batch(3, length=9)
+    kv = q.image_kv(tokens)
+    dec = ids.clone()
+    dec[:, 0] = SMALL.bos_token_id
+    logits = q.itg_logits(tokens, dec, mask)  # [B,L,V]
+    labels = dec.masked_fill(mask == 0, -100)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, SMALL.vocab_size), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, label_smoothing=0.1)
+    torch.testing.assert_close(itg_loss(q, kv, ids, mask), expected)
+    unsmoothed = F.cross_entropy(logits[:, :-1].reshape(-1, SMALL.vocab_size), labels[:, 1:].reshape(-1))
+    assert not torch.allclose(expected, unsmoothed)
+
+
+def test_stage1_losses_shapes_itm_pairs_and_temp_clamp(monkeypatch):
+    torch.manual_seed(0)
+    q = QFormer(SMALL).train()
+    tokens, ids, mask = rand_batch(5)
+    seen = []
+    real_itm = q.itm_logits
+
+    def spy(kv, input_ids, text_mask):
+        seen.append(input_ids.shape[0])
+        return real_itm(kv, input_ids, text_mask)
+
+    monkeypatch.setattr(q, "itm_logits", spy)
+    with torch.no_grad():
+        q.temp.fill_(2.0)
+    out = stage1_losses(q, tokens, ids, mask, torch.arange(5), torch.Generator().manual_seed(0))
+    assert set(out) == {"itc", "itm", "itg", "loss"}
+    assert seen == [15]  # 3B pairs: B positives, B texts with a negative image, B images with a negative text
+    assert q.temp.item() == 0.5  # clamped as LAVIS does
+    torch.testing.assert_close(out["loss"], out["itc"] + out["itm"] + out["itg"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in q.parameters())
+
+
+def test_stage1_losses_batch_of_one():
+    torch.manual_seed(0)
+    q = QFormer(SMALL).train()
+    tokens, ids, mask = rand_batch(1)
+    out = stage1_losses(q, tokens, ids, mask, None, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(v) for v in out.values())
+    assert out["itm"].item() == 0.0  # no negative exists: no ITM pairs rather than a positive labelled 0
+    out["loss"].backward()
+    # a batch made of one image's captions has no negative either
+    tokens, ids, mask = rand_batch(3)
+    out = stage1_losses(q, tokens, ids, mask, torch.zeros(3, dtype=torch.long))
+    assert out["itm"].item() == 0.0 and torch.isfinite(out["loss"])
+
+
+# ---- data order, schedule ---------------------------------------------------------------------------------
+def test_batches_depend_only_on_seed_and_position():
+    full = EpochBatches(range(20), 6, seed=3)
+    it = iter(full)
+    first = [next(it) for _ in range(7)]  # 3 batches per epoch: crosses two epoch boundaries
+    resumed = iter(EpochBatches(range(20), 6, seed=3, start_batch=4))
+    assert [next(resumed) for _ in range(3)] == first[4:7]
+    epoch0 = sorted(j for b in first[:3] for j, _ in b)
+    assert len(set(epoch0)) == 18  # no pair twice in an epoch
+    assert [j for j, _ in first[0]] != [j for j, _ in first[3]]  # a new order every epoch
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_lr=0.0, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == 0.0 and lr_at(5, cfg) == pytest.approx(5e-4)
+    assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+# ---- feature cache, unreadable images -------------------------------------------------------------------
+@needs_data
+def test_feature_cache_skips_corrupt_and_missing_images(tmp_path, encoder, pairs, caplog):
+    good = pairs.image_paths[:3]
+    corrupt = tmp_path / "truncated.jpg"
+    corrupt.write_bytes(good[0].read_bytes()[:700])  # a JPEG cut short
+    missing = tmp_path / "missing.jpg"
+    paths = [good[0], corrupt, good[1], missing, good[2]]
+    with caplog.at_level(logging.WARNING, logger="qformer.features"):
+        cache = FeatureCache.build(encoder, paths, tmp_path / "cache", batch_size=2, progress=False)
+    text = caplog.text
+    assert f"skipping image {corrupt}" in text and f"skipping image {missing}" in text
+    assert "file not found" in cache.skipped[str(missing)] and str(corrupt) in cache.skipped
+    assert cache.valid.tolist() == [True, False, True, False, True]
+    assert cache[1].abs().sum() == 0
+    pixels = torch.stack([encoder.preprocess()(PIL.Image.open(p)) for p in good])
+    with torch.no_grad():
+        ref = encoder(pixels)  # [3,49,1280]
+    got = cache[[0, 2, 4]].float()
+    assert got.shape == (3, 49, 1280) and cache.array.dtype.name == "float16"
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
+    # reopening reads the same; rebuilding the same paths reuses the cache
+    again = FeatureCache.open(tmp_path / "cache")
+    assert torch.equal(again[[0, 2, 4]], cache[[0, 2, 4]])
+    assert FeatureCache.build(encoder, paths, tmp_path / "cache", progress=False).skipped == cache.skipped
+
+
+@needs_data
+def test_feature_cache_resumes_after_a_crash(tmp_path, encoder, pairs, monkeypatch):
+    paths = pairs.image_paths[:6]
+    calls = {"n": 0}
+    real_forward = EfficientNetLiteEncoder.forward
+
+    def crashing(self, pixels):
+        calls["n"] += 1
+        if calls["n"] == 4:  # probe + 2 batches done, then the "machine dies"
+            raise KeyboardInterrupt
+        return real_forward(self, pixels)
+
+    monkeypatch.setattr(EfficientNetLiteEncoder, "forward", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache.build(encoder, paths, tmp_path / "c", batch_size=2, flush_every=1, progress=False)
+    assert not (tmp_path / "c" / "index.json").exists()
+    assert json.loads((tmp_path / "c" / "progress.json").read_text())["done"] == 4
+    monkeypatch.setattr(EfficientNetLiteEncoder, "forward", real_forward)
+    resumed = FeatureCache.build(encoder, paths, tmp_path / "c", batch_size=2, progress=False)
+    fresh = FeatureCache.build(encoder, paths, tmp_path / "fresh", batch_size=2, progress=False)
+    assert torch.equal(resumed[list(range(6))], fresh[list(range(6))])
+
+
+@needs_data
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "live"])
+def test_training_goes_on_past_unreadable_images(tmp_path, small_dir, pairs, caplog, use_cache):
+    corrupt = tmp_path / "truncated.jpg"
+    corrupt.write_bytes(pairs.image_paths[0].read_bytes()[:700])
+    missing = tmp_path / "missing.jpg"
+    bad = CaptionPairs(image_paths=[*pairs.image_paths[:3], corrupt, missing],
+                          captions=[*pairs.captions[:15], "a truncated photo", "a photo that is not there"],
+                          pair_image=[*pairs.pair_image[:15], 3, 4])
+    # live: every batch holds all 17 pairs, the 2 bad ones included; cached: they are left out up front
+    cfg = run_config(tmp_path / "run", small_dir, tmp_path / "cache", cache=use_cache, max_steps=2,
+                     batch_size=15 if use_cache else 17)
+    with caplog.at_level(logging.WARNING):
+        final = train(cfg, pairs=bad)
+    assert f"skipping image {corrupt}" in caplog.text and f"skipping image {missing}" in caplog.text
+    if use_cache:
+        assert "training on 15 of 17 pairs" in caplog.text
+    records = [json.loads(ln) for ln in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] == r["loss"] for r in records)
+    assert final.name == "step_0000002"
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+def fixed_batch_losses(model: Blip2Retriever, pairs, cache_dir: Path) -> dict[str, float]:
+    """Eval-mode stage-1 losses on the same batches (all pairs, fixed order and ITM draws)."""
+    ds = PairDataset(pairs, cache=FeatureCache.open(cache_dir))
+    collate = Collate(model.tokenizer)
+    q = model.qformer.eval()
+    totals = {"itc": 0.0, "itm": 0.0, "itg": 0.0, "loss": 0.0}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for start in range(0, len(pairs), 8):
+            b = collate([ds[(j, 0)] for j in range(start, min(start + 8, len(pairs)))])
+            out = stage1_losses(q, b["image"], b["input_ids"], b["text_mask"], b["image_ids"], g)
+            for k in totals:
+                totals[k] += float(out[k])
+    return totals
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_dir, cache_dir, pairs) -> Path:
+    """12 steps of stage 1 on 40 pairs; returns the run directory."""
+    out = tmp_path_factory.mktemp("run")
+    train(run_config(out, small_dir, cache_dir, max_steps=12, checkpoint_every=6))
+    return out
+
+
+@needs_data
+def test_losses_fall(trained, small_dir, cache_dir, pairs):
+    before = fixed_batch_losses(create_model(small_dir), pairs, cache_dir)
+    after = fixed_batch_losses(create_model(list_checkpoints(trained)[-1]), pairs, cache_dir)
+    assert after["loss"] < before["loss"] - 0.3
+    assert after["itg"] < before["itg"] and after["itm"] < before["itm"]
+    # from a random init, ITC sits on its ln(B) plateau for the first ~80 steps (then drops): it must not rise
+    assert after["itc"] < before["itc"] + 0.05
+    records = [json.loads(ln) for ln in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    first = sum(r["loss"] for r in records[:3]) / 3
+    last = sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first
+
+
+@needs_data
+def test_trained_checkpoint_round_trips(trained, tmp_path, encoder, tokenizer, pairs, cache_dir):
+    # the training checkpoint is a qsearch model directory, and its train state loads with weights_only
+    ckpt = list_checkpoints(trained)[-1]
+    assert [c.name for c in list_checkpoints(trained)] == ["step_0000006", "step_0000012"]
+    state = load_train_state(ckpt)
+    assert state["step"] == 12 and state["optimizer"]["state"]
+    loaded = create_model(ckpt)
+    saved = load_file(str(ckpt / "qformer.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.qformer.state_dict().items())
+    # an in-memory trained model -> save_pretrained -> create_model gives the same outputs
+    model = small_model(encoder, tokenizer, seed=1)
+    opt = torch.optim.AdamW(model.qformer.parameters(), lr=1e-3)
+    ds = PairDataset(pairs, cache=FeatureCache.open(cache_dir))
+    b = Collate(tokenizer)([ds[(j, 0)] for j in range(8)])
+    model.qformer.train()
+    for _ in range(3):
+        stage1_losses(model.qformer, b["image"], b["input_ids"], b["text_mask"], b["image_ids"])["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    model.qformer.eval()
+    again = create_model(model.save_pretrained(tmp_path / "m"))
+    ids, mask = tokenize(tokenizer, pairs.captions[:4], TRAIN_MAX_LENGTH)
+    tokens = b["image"][:4]
+    for m in (model, again):
+        assert not m.qformer.training
+    with torch.no_grad():
+        for fn in ("encode_image",):
+            assert torch.equal(getattr(model.qformer, fn)(tokens), getattr(again.qformer, fn)(tokens))
+        assert torch.equal(model.qformer.encode_text(ids, mask), again.qformer.encode_text(ids, mask))
+        assert torch.equal(model.qformer.itm_logits(tokens, ids, mask), again.qformer.itm_logits(tokens, ids, mask))
+        assert torch.equal(model.qformer.itg_logits(tokens, ids, mask), again.qformer.itg_logits(tokens, ids, mask))
+    assert again.qformer.config == SMALL and again.encoder.spec() == encoder.spec()
+
+
+def _cli_args(cfg: TrainConfig) -> list[str]:
+    return ["--data-root", cfg.data_root, "--max-images", str(cfg.max_images), "--model", cfg.model,
+            "--out-dir", cfg.out_dir, "--cache-dir", cfg.cache_dir, "--batch-size", str(cfg.batch_size),
+            "--grad-accum", str(cfg.grad_accum), "--max-steps", str(cfg.max_steps), "--lr", str(cfg.lr),
+            "--warmup-steps", str(cfg.warmup_steps), "--checkpoint-every", str(cfg.checkpoint_every),
+            "--keep-checkpoints", str(cfg.keep_checkpoints), "--log-every", "1", "--no-progress"]
+
+
+@needs_data
+def test_resume_after_kill_is_bitwise_identical(tmp_path, small_dir, cache_dir):
+    n, k = 6, 2
+    common = dict(max_steps=n, checkpoint_every=k, grad_accum=2, keep_checkpoints=0)
+    # uninterrupted
+    straight = run_config(tmp_path / "straight", small_dir, cache_dir, **common)
+    train(straight)
+    # killed (SIGKILL, no cleanup) right after the step-k checkpoint appears, then resumed
+    killed = run_config(tmp_path / "killed", small_dir, cache_dir, **common)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "qformer.train", *_cli_args(killed)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = Path(killed.out_dir) / "checkpoints" / f"step_{k:07d}"
+    deadline = time.monotonic() + 120
+    while not target.is_dir():
+        if proc.poll() is not None:
+            pytest.fail(f"training subprocess exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    left = list_checkpoints(killed.out_dir)
+    assert left and int(left[-1].name[5:]) < n, "the run finished before it was killed"
+    train(run_config(tmp_path / "killed", small_dir, cache_dir, resume="latest", **common))
+
+    a = load_file(str(Path(straight.out_dir) / "checkpoints" / f"step_{n:07d}" / "qformer.safetensors"))
+    b = load_file(str(Path(killed.out_dir) / "checkpoints" / f"step_{n:07d}" / "qformer.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    sa = load_train_state(Path(straight.out_dir) / "checkpoints" / f"step_{n:07d}")["optimizer"]["state"]
+    sb = load_train_state(Path(killed.out_dir) / "checkpoints" / f"step_{n:07d}")["optimizer"]["state"]
+    assert all(torch.equal(sa[i][s], sb[i][s]) for i in sa for s in sa[i])
+    # the metrics log of the resumed run matches step for step (records after the checkpoint re-done once)
+    la = [json.loads(x) for x in (Path(straight.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (Path(killed.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    strip = ("pairs_per_s",)
+    assert [{k2: v for k2, v in r.items() if k2 not in strip} for r in la] == \
+           [{k2: v for k2, v in r.items() if k2 not in strip} for r in lb]
