@@ -60,6 +60,7 @@ class Blip2Retriever(nn.Module):
         self.qformer = qformer
         self.tokenizer = tokenizer
         self.name = name
+        self.source = name  # what create_model was given (set there): lets an index reload its model
 
     @property
     def device(self) -> torch.device:
@@ -262,4 +263,5 @@ def create_model(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.d
     else:
         raise ckpt.CheckpointError(f"unknown model {s!r}: not a file or directory, and not one of "
                                    f"{sorted(MODELS) + sorted(HUB_ALIASES)}")
+    model.source = str(p.resolve()) if p.exists() else s
     return model.to(device).eval()
