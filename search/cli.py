@@ -81,6 +81,97 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Index (or bring up to date) image collections."""
+    from indexer import IndexConfig, build_index
+    from qformer.factory import create_model
+
+    model = create_model(args.model, _device(args.device))
+    captioner = None
+    if args.captions:
+        from qformer.caption import caption_images
+
+        def captioner(images):
+            return caption_images(model, images)
+    cfg = IndexConfig(batch_size=args.batch_size, num_workers=args.workers, feature_dtype=args.feature_dtype,
+                      faiss_factory=args.faiss, prune=not args.keep_deleted)
+    stats = build_index(model, args.sources, args.index, cfg, captioner=captioner, progress=not args.json)
+    if args.json:
+        _print_json(stats.__dict__)
+    else:
+        print(f"{args.index}: {stats}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search an index by text, image, or both."""
+    from search.engine import Searcher
+
+    searcher = Searcher(args.index, device=_device(args.device))
+    if args.captions_of:
+        hits = [h.__dict__ for h in searcher.search_captions(args.captions_of, k=args.k)]
+        if args.json:
+            _print_json(hits)
+        else:
+            for h in hits:
+                print(f"{h['rank']:>3}  {h['score']:.4f}  {h['caption']}  ({h['path']})")
+        return 0
+    hits = searcher.search(text=args.text, image=args.image, k=args.k, rerank=args.rerank, where=args.where,
+                           params=args.param, expand=args.expand, offset=args.offset)
+    if args.json:
+        _print_json([h.to_dict() for h in hits])
+        return 0
+    if not hits:
+        print("no results")
+    for h in hits:
+        parts = [f"{h.rank:>3}  {h.score:8.4f}"]
+        if h.itc is not None:
+            parts.append(f"itc {h.itc:.4f}")
+        if h.itm is not None:
+            parts.append(f"itm {h.itm:.4f}")
+        if h.image_sim is not None:
+            parts.append(f"img {h.image_sim:.4f}")
+        print("  ".join(parts + [h.path] + ([f"'{h.caption}'"] if h.caption else [])))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """What an index holds: model, counts, skipped files with reasons, build time."""
+    from indexer import Index
+
+    info = Index.open(args.index).info()
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"index      {info['index_dir']} (generation {info['generation']}, "
+          f"{'complete' if info['complete'] else 'INCOMPLETE: re-run qsearch index to finish'})")
+    print(f"model      {info['model']['name']} ({info['model'].get('source')}), fingerprint "
+          f"{info['model']['fingerprint'][:12]}")
+    print(f"images     {info['counts']['images']}   vectors/image {info['num_queries']} x {info['embed_dim']}   "
+          f"features {info['token_shape']} {info['feature_dtype']}   faiss {info['faiss'].get('factory')}")
+    print(f"built      {info['created']}   updated {info['updated']}   build time {info['build_seconds']:.1f} s")
+    print(f"skipped    {len(info['skipped'])} files")
+    for s in info["skipped"]:
+        print(f"  {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    """Remove files (or everything under directories / tar shards) from an index."""
+    from indexer import remove_from_index
+
+    n = remove_from_index(args.index, args.paths)
+    if args.json:
+        _print_json({"removed": n})
+    else:
+        print(f"removed {n} images from {args.index}")
+    return 0
+
+
 def cmd_train_stage1(args: argparse.Namespace) -> int:
     """Stage-1 training (ITC + ITM + ITG) of the Q-Former."""
     import logging
@@ -131,6 +222,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_demo)
 
+    i = sub.add_parser("index", help="index image collections (incremental, crash-safe)")
+    i.add_argument("index", help="index directory (created if missing)")
+    i.add_argument("sources", nargs="+", help="directories, CSV/Parquet manifests, webdataset .tar shards, files")
+    i.add_argument("--model", default="blip2-tiny-init")
+    i.add_argument("--device", default="auto")
+    i.add_argument("--captions", action="store_true", help="caption every image (ITG decoder) into the metadata")
+    i.add_argument("--feature-dtype", default="fp16", choices=["fp16", "int8"], help="ITM feature store precision")
+    i.add_argument("--faiss", default="Flat", help="FAISS factory string: Flat (exact) or e.g. IVF1024,Flat / HNSW32")
+    i.add_argument("--batch-size", type=int, default=32)
+    i.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    i.add_argument("--keep-deleted", action="store_true", help="keep images whose files are gone")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="search an index by text, image, or both")
+    s.add_argument("index")
+    s.add_argument("text", nargs="?", help="text query")
+    s.add_argument("--image", help="query image (query by example); with text: combined query")
+    s.add_argument("-k", type=int, default=10, help="results to return")
+    s.add_argument("--offset", type=int, default=0, help="skip this many results (paging)")
+    s.add_argument("--rerank", type=int, default=128, help="ITM re-ranks this many ITC candidates (0: off)")
+    s.add_argument("--where", help="SQL predicate over the metadata, e.g. \"width > ?\"")
+    s.add_argument("--param", action="append", default=[], help="a value for a ? in --where (repeatable)")
+    s.add_argument("--expand", action="store_true", help="image queries: add the image's generated caption")
+    s.add_argument("--captions-of", metavar="IMAGE", help="image → text: rank the stored captions for IMAGE")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_search)
+
+    n = sub.add_parser("info", help="what an index holds, and the files it skipped")
+    n.add_argument("index")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=cmd_info)
+
+    rm = sub.add_parser("remove", help="remove files from an index")
+    rm.add_argument("index")
+    rm.add_argument("paths", nargs="+")
+    rm.add_argument("--json", action="store_true")
+    rm.set_defaults(func=cmd_remove)
+
     c = sub.add_parser("caption", help="caption images with the Q-Former's ITG decoder")
     c.add_argument("images", nargs="+", help="image files")
     c.add_argument("--model", default="blip2-tiny-init")
@@ -169,10 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from indexer.errors import IndexStoreError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # includes CheckpointError: clear message, no traceback
+    except (FileNotFoundError, ValueError, IndexStoreError) as e:  # clear message, no traceback
         print(f"qsearch: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,275 @@
+"""Search an index: text → image, image → image, image → text, and text + image, with ITM re-ranking.
+
+Text → image follows the paper's retrieval score:
+1. ITC: the text embedding against every image's Q query embeddings, max over queries. FAISS holds the
+   Q vectors of each image under its image id; we over-fetch vectors and keep the first (best) hit of each
+   image, which is exactly that image's max-over-queries score.
+2. ITM re-ranks the top `rerank` images (the paper's k_test = 128; 0 turns re-ranking off).
+3. Final score = ITM match logit + ITC cosine.
+
+Filters (`where`) are SQL predicates over the metadata, run by DuckDB on the metadata table alone with
+external access disabled, values bound as parameters. With a filter, scoring is exact over the matching
+images (stored embeddings), so k results come back whenever k images match.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from indexer import Index, load_image
+from qformer.factory import Blip2Retriever, create_model
+
+BASE_COLUMNS = ("image_id", "path", "source", "sha256", "size", "mtime", "width", "height", "format",
+                "caption", "indexed_at", "shard", "row")
+MAX_QUERY_CHARS = 2000  # longer text is refused: the tokenizer would keep only ~35 tokens anyway
+
+
+class QueryError(ValueError):
+    """A query that cannot be run (empty, unreadable image, bad filter)."""
+
+
+@dataclass
+class Hit:
+    rank: int
+    image_id: int
+    path: str
+    score: float  # what the ranking used: itm + itc (+ image similarity) when re-ranked
+    itc: float | None  # text-image ITC cosine (max over queries)
+    itm: float | None  # ITM match logit (None without re-ranking)
+    image_sim: float | None  # query-image similarity (image queries)
+    caption: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)  # the user's columns, width, height, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("rank", "image_id", "path", "score", "itc", "itm", "image_sim",
+                                              "caption", "metadata")}
+
+
+@dataclass
+class CaptionHit:
+    rank: int
+    image_id: int
+    path: str
+    caption: str
+    score: float
+
+
+class Searcher:
+    """An open index plus the model it was built with."""
+
+    def __init__(self, index_dir: str | Path, model: Blip2Retriever | None = None, device: str = "cpu"):
+        self.index = Index.open(index_dir)
+        src = self.index.manifest["model"].get("source") or self.index.manifest["model"]["name"]
+        self.model = model if model is not None else create_model(src, device)
+        self.index.check_model(self.model)
+        self._caption_embeds: tuple[np.ndarray, torch.Tensor] | None = None
+
+    # ---- embeddings -------------------------------------------------------------------------------------
+    def _text(self, text: str) -> torch.Tensor:
+        text = " ".join((text or "").split())
+        if not text:
+            raise QueryError("empty query: give some words or an image")
+        if len(text) > MAX_QUERY_CHARS:
+            raise QueryError(f"query too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
+        return self.model.embed_texts([text])[0].float().cpu()  # [D]
+
+    def _image(self, image: str | Path | bytes | Image.Image) -> tuple[torch.Tensor, torch.Tensor, Image.Image]:
+        """Query image -> (query embeddings [Q,D], frozen tokens [1,N,C], decoded image)."""
+        if not isinstance(image, Image.Image):
+            try:
+                image = load_image(image)
+            except (OSError, ValueError) as e:
+                raise QueryError(f"cannot read the query image: {e}") from e
+        pixels = self.model.preprocess()(image)[None]
+        embeds, tokens = self.model.embed_images(pixels)
+        return embeds[0].float().cpu(), tokens, image
+
+    # ---- candidate scoring ---------------------------------------------------------------------------------
+    def _filter_ids(self, where: str | None, params: Sequence[Any] | None) -> np.ndarray | None:
+        if not where:
+            return None
+        return filter_ids(self.index.metadata, where, params)
+
+    def _itc_top(self, t: torch.Tensor, n: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top n images by ITC (max over queries) -> (image ids, cosines)."""
+        if allowed is not None:  # exact over the matching images
+            if len(allowed) == 0:
+                return np.empty(0, np.int64), np.empty(0, np.float32)
+            sims = np.einsum("iqd,d->iq", self.index.embeddings(allowed), t.numpy()).max(1)
+            order = np.argsort(-sims, kind="stable")[:n]
+            return allowed[order], sims[order]
+        return faiss_top_images(self.index.search_index(), t.numpy()[None], n, len(self.index),
+                                self.index.manifest["num_queries"])
+
+    def _itm(self, image_ids: np.ndarray, text: str, batch: int = 128) -> np.ndarray:
+        """ITM match logits of the text against these images."""
+        q, out = self.model.qformer, []
+        ids, mask = self.model.tokenize([" ".join(text.split())])
+        with torch.inference_mode():
+            for i in range(0, len(image_ids), batch):
+                chunk = image_ids[i : i + batch]
+                kv = q.image_kv(self.index.features(chunk).to(self.model.device))
+                out.append(q.itm_match_logit(kv, ids.expand(len(chunk), -1), mask.expand(len(chunk), -1)))
+        return torch.cat(out).float().cpu().numpy() if out else np.empty(0, np.float32)
+
+    def _image_sim(self, query_embeds: torch.Tensor, image_ids: np.ndarray) -> np.ndarray:
+        """Image-image similarity: mean over the query image's Q embeddings of the best match among each
+        candidate's Q embeddings (MaxSim)."""
+        e = self.index.embeddings(image_ids)  # [k,Q,D]
+        return np.einsum("kpd,qd->kqp", e, query_embeds.numpy()).max(2).mean(1)
+
+    # ---- public API ------------------------------------------------------------------------------------------
+    def search(
+        self,
+        text: str | None = None,
+        image: str | Path | bytes | Image.Image | None = None,
+        k: int = 10,
+        rerank: int = 128,
+        where: str | None = None,
+        params: Sequence[Any] | None = None,
+        expand: bool = False,
+        offset: int = 0,
+    ) -> list[Hit]:
+        """Images ranked for a text, an example image, or both.
+
+        rerank: ITM re-ranks this many ITC candidates (0: ITC only). expand: an image query's generated
+        caption joins the query as text. offset: skip this many results (paging).
+        """
+        if k <= 0:
+            raise QueryError("k must be positive")
+        if text is not None and not text.strip():
+            text = None
+        if text is None and image is None:
+            raise QueryError("empty query: give some words or an image")
+        allowed = self._filter_ids(where, params)
+        want = max(rerank, k + offset)
+        q_img = None
+        if image is not None:
+            q_img, _, decoded = self._image(image)
+            if expand:
+                from qformer.caption import caption_images
+
+                caption = caption_images(self.model, [decoded])[0]
+                text = f"{text} {caption}" if text else caption
+        t = self._text(text) if text is not None else None
+
+        # candidates: ITC for text, MaxSim for images (pooled query embedding for the FAISS pass)
+        cand: dict[int, None] = {}
+        if t is not None:
+            cand.update(dict.fromkeys(self._itc_top(t, want, allowed)[0].tolist()))
+        if q_img is not None:
+            pooled = torch.nn.functional.normalize(q_img.mean(0), dim=0)
+            cand.update(dict.fromkeys(self._itc_top(pooled, want, allowed)[0].tolist()))
+        ids = np.fromiter(cand, np.int64, len(cand))
+        if len(ids) == 0:
+            return []
+        itc = np.einsum("iqd,d->iq", self.index.embeddings(ids), t.numpy()).max(1) if t is not None else None
+        sim = self._image_sim(q_img, ids) if q_img is not None else None
+        base = (itc if itc is not None else 0.0) + (sim if sim is not None else 0.0)
+        ids, itc, sim, base = _top(ids, base, want, itc, sim)
+        itm = None
+        if t is not None and rerank > 0:
+            n = min(rerank, len(ids))
+            itm = np.full(len(ids), np.nan, np.float32)
+            itm[:n] = self._itm(ids[:n], text)
+            # re-ranked ones come first, by itm + itc (+ image similarity); the rest keep their ITC order
+            score = base.copy()
+            score[:n] = itm[:n] + base[:n]
+            order = np.concatenate([np.argsort(-score[:n], kind="stable"), np.arange(n, len(ids))])
+        else:
+            score = base
+            order = np.argsort(-score, kind="stable")
+        order = order[offset : offset + k]
+        rows = self.index.rows(ids[order]).to_pylist()
+        hits = []
+        for r, (i, row) in enumerate(zip(order, rows, strict=True)):
+            hits.append(Hit(
+                rank=offset + r + 1, image_id=int(ids[i]), path=row["path"], score=float(score[i]),
+                itc=None if itc is None else float(itc[i]),
+                itm=None if itm is None or np.isnan(itm[i]) else float(itm[i]),
+                image_sim=None if sim is None else float(sim[i]), caption=row.get("caption"),
+                metadata={c: v for c, v in row.items() if c not in ("image_id", "path", "caption", "shard", "row")},
+            ))
+        return hits
+
+    def search_captions(self, image: str | Path | bytes | Image.Image, k: int = 10) -> list[CaptionHit]:
+        """Image → text: the stored captions ranked by ITC against the query image."""
+        q_img, _, _ = self._image(image)
+        ids, embeds = self._stored_caption_embeddings()
+        if len(ids) == 0:
+            return []
+        sims = (embeds @ q_img.T).amax(1).numpy()  # [captions]: max over the query image's Q embeddings
+        order = np.argsort(-sims, kind="stable")[:k]
+        rows = self.index.rows(ids[order]).to_pylist()
+        return [CaptionHit(rank=r + 1, image_id=int(ids[i]), path=row["path"], caption=row["caption"],
+                           score=float(sims[i])) for r, (i, row) in enumerate(zip(order, rows, strict=True))]
+
+    def _stored_caption_embeddings(self) -> tuple[np.ndarray, torch.Tensor]:
+        if self._caption_embeds is None:
+            meta = self.index.metadata.select(["image_id", "caption"]).to_pylist()
+            pairs = [(r["image_id"], r["caption"]) for r in meta if r["caption"]]
+            ids = np.array([p[0] for p in pairs], np.int64)
+            texts = [p[1] for p in pairs]
+            embeds = torch.cat([self.model.embed_texts(texts[i : i + 256]).float().cpu()
+                                for i in range(0, len(texts), 256)]) if texts else torch.empty(0)
+            self._caption_embeds = (ids, embeds)
+        return self._caption_embeds
+
+
+def _top(ids: np.ndarray, base: np.ndarray, n: int, *cols: np.ndarray | None):
+    order = np.argsort(-base, kind="stable")[:n]
+    return (ids[order], *(None if c is None else c[order] for c in cols), base[order])
+
+
+def faiss_top_images(index: Any, queries: np.ndarray, n: int, num_images: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top n images for one query vector [1,D] over an index holding q vectors per image (id = image id):
+    over-fetch vectors until n distinct images are found; each image's first hit is its max score."""
+    n = min(n, num_images)
+    fetch = min(max(4 * n, 64), index.ntotal)
+    while True:
+        scores, labels = index.search(queries.astype(np.float32), fetch)
+        labels, scores = labels[0], scores[0]
+        keep = labels >= 0
+        labels, scores = labels[keep], scores[keep]
+        _, first = np.unique(labels, return_index=True)
+        if len(first) >= n or fetch >= index.ntotal:
+            first = np.sort(first)[:n]  # in score order
+            return labels[first].astype(np.int64), scores[first]
+        fetch = min(fetch * 4, index.ntotal)
+
+
+_FORBIDDEN = re.compile(r";|--|/\*")
+
+
+def filter_ids(metadata: Any, where: str, params: Sequence[Any] | None = None) -> np.ndarray:
+    """Image ids whose metadata satisfies the SQL predicate `where` (values as `?` parameters).
+
+    Runs in an in-memory DuckDB that sees only the metadata table, with external access (files,
+    network, extensions) disabled and the configuration locked, so a predicate can read nothing else.
+    """
+    import duckdb
+
+    if _FORBIDDEN.search(where):
+        raise QueryError("a filter is one SQL predicate: ';' and comments are not allowed")
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("meta", metadata)
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        try:
+            rows = con.execute(f"SELECT image_id FROM meta WHERE ({where}) ORDER BY image_id",
+                               list(params or [])).fetchnumpy()
+        except duckdb.Error as e:
+            raise QueryError(f"bad filter {where!r}: {e}") from e
+    finally:
+        con.close()
+    ids = np.asarray(rows["image_id"], np.int64)
+    return ids[np.isin(ids, metadata["image_id"].to_numpy())]  # only images that exist, whatever the SQL

@@ -1,0 +1,173 @@
+"""The engine as users call it: `qsearch index | search | info | remove` and `Searcher.search`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer import Index, IndexNotFound, ModelMismatch
+from search.cli import main
+from search.engine import QueryError, Searcher
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
+           "black": (5, 5, 5), "white": (250, 250, 250), "purple": (130, 30, 160), "orange": (250, 140, 0)}
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    rows = []
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        im = Image.new("RGB", (64, 48), rgb)
+        for x in range(0, 64, 8):  # a pattern so images differ in more than colour
+            im.paste((255 - rgb[0], 255 - rgb[1], 255 - rgb[2]), (x, (i * 5) % 40, x + 3, (i * 5) % 40 + 6))
+        im.save(root / f"{name}.png")
+        rows.append({"path": str(root / f"{name}.png"), "colour": name, "year": 2000 + i})
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "colour", "year"])
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def index_dir(collection, small_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("idx") / "index"
+    rc = main(["index", str(d), str(collection / "manifest.csv"), str(collection / "broken.jpg"),
+               "--model", str(small_model_dir), "--device", "cpu", "--workers", "0", "--json"])
+    assert rc == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def searcher(index_dir):
+    return Searcher(index_dir)
+
+
+def test_text_search_ranks_by_itm_plus_itc(searcher):
+    hits = searcher.search("a red square", k=5)
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    for h in hits:
+        assert h.score == pytest.approx(h.itm + h.itc, abs=1e-5)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert {h.metadata["colour"] for h in hits} <= set(COLOURS)
+
+
+def test_itc_only_equals_brute_force_max_over_queries(searcher):
+    hits = searcher.search("a photo of something blue", k=8, rerank=0)
+    ids = searcher.index.image_ids()
+    t = searcher.model.embed_texts(["a photo of something blue"])[0].numpy()
+    brute = np.einsum("iqd,d->iq", searcher.index.embeddings(ids), t).max(1)
+    expected = ids[np.argsort(-brute, kind="stable")]
+    assert [h.image_id for h in hits] == expected.tolist()
+    assert [h.itc for h in hits] == pytest.approx(np.sort(brute)[::-1].tolist(), abs=1e-5)
+    assert all(h.itm is None for h in hits)
+
+
+def test_rerank_equals_direct_itm(searcher):
+    hits = searcher.search("a green thing", k=8, rerank=8)
+    model = searcher.model
+    for h in hits[:3]:
+        feats = searcher.index.features([h.image_id])
+        direct = float(model.itm_match_logit(feats, ["a green thing"])[0])
+        assert h.itm == pytest.approx(direct, abs=1e-4)  # fp16 feature store vs the same features
+
+
+def test_image_query_finds_itself_first(searcher, collection):
+    hits = searcher.search(image=collection / "purple.png", k=3)
+    assert hits[0].path.endswith("purple.png")
+    assert hits[0].image_sim == pytest.approx(1.0, abs=1e-3)
+    combined = searcher.search("purple", image=collection / "purple.png", k=3)
+    assert combined[0].itm is not None and combined[0].image_sim is not None
+
+
+def test_paging(searcher):
+    full = searcher.search("a colourful picture", k=8)
+    page2 = searcher.search("a colourful picture", k=3, offset=3)
+    assert [h.image_id for h in page2] == [h.image_id for h in full[3:6]]
+    assert [h.rank for h in page2] == [4, 5, 6]
+
+
+def test_filters_with_parameters_return_k(searcher):
+    hits = searcher.search("anything", k=3, where="year >= ?", params=[2003])
+    assert len(hits) == 3 and all(h.metadata["year"] >= 2003 for h in hits)
+    hits = searcher.search("anything", k=10, where="colour IN (?, ?)", params=["red", "blue"])
+    assert sorted(h.metadata["colour"] for h in hits) == ["blue", "red"]
+    assert searcher.search("anything", where="colour = ?", params=["magenta"]) == []
+
+
+@pytest.mark.parametrize("where, params", [
+    ("1=1; DROP TABLE meta", None),
+    ("1=1) UNION SELECT 42 --", None),
+    ("1=1 /* comment */", None),
+    ("EXISTS (SELECT * FROM read_csv('/etc/passwd'))", None),
+    ("image_id IN (SELECT 1 FROM read_parquet('/etc/hostname'))", None),
+])
+def test_sql_injection_is_refused(searcher, where, params):
+    with pytest.raises(QueryError):
+        searcher.search("anything", where=where, params=params)
+
+
+def test_injection_through_parameters_is_just_a_value(searcher):
+    assert searcher.search("anything", where="colour = ?", params=["red' OR '1'='1"]) == []
+    n = len(searcher.search("anything", k=50, rerank=0))
+    assert n == len(COLOURS)  # the table is intact
+
+
+def test_bad_queries_get_clear_errors(searcher, tmp_path):
+    with pytest.raises(QueryError, match="empty"):
+        searcher.search("   ")
+    with pytest.raises(QueryError, match="too long"):
+        searcher.search("word " * 1000)
+    (tmp_path / "x.jpg").write_bytes(b"nope")
+    with pytest.raises(QueryError, match="query image"):
+        searcher.search(image=tmp_path / "x.jpg")
+
+
+def test_cli_errors_and_exit_codes(index_dir, tmp_path, capsys):
+    assert main(["search", str(tmp_path / "missing"), "cat"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["search", str(index_dir), "   "]) == 2
+    assert "empty" in capsys.readouterr().err
+    (tmp_path / "x.jpg").write_bytes(b"nope")
+    assert main(["search", str(index_dir), "--image", str(tmp_path / "x.jpg")]) == 2
+    assert "query image" in capsys.readouterr().err
+    with pytest.raises(IndexNotFound):
+        Index.open(tmp_path / "missing")
+
+
+def test_model_mismatch_is_refused(index_dir):
+    from qformer.factory import create_model
+
+    other = create_model("blip2-tiny-init")
+    with pytest.raises(ModelMismatch):
+        Searcher(index_dir, model=other)
+
+
+def test_info_and_json_outputs(index_dir, capsys):
+    assert main(["info", str(index_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"]["images"] == len(COLOURS)
+    assert any(s["path"].endswith("broken.jpg") for s in info["skipped"])
+    assert main(["info", str(index_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "broken.jpg" in out and "skipped" in out
+    assert main(["search", str(index_dir), "red", "-k", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res) == 2 and {"path", "score", "itc", "itm", "metadata"} <= set(res[0])
+
+
+def test_remove_and_reindex(collection, small_model_dir, tmp_path, capsys):
+    d = tmp_path / "index"
+    args = ["--model", str(small_model_dir), "--device", "cpu", "--workers", "0", "--json"]
+    assert main(["index", str(d), str(collection / "manifest.csv"), *args]) == 0
+    capsys.readouterr()
+    assert main(["remove", str(d), str(collection / "red.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"removed": 1}
+    hits = Searcher(d).search("red", k=20, rerank=0)
+    assert len(hits) == len(COLOURS) - 1 and not any(h.path.endswith("red.png") for h in hits)
