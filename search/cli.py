@@ -7,13 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-DEMO_CAPTIONS = [
-    "a cat looking at the camera",
-    "an astronaut in a space suit",
-    "a cup of coffee on a table",
-    "a rocket on the launch pad",
-]
-
 
 def _device(name: str) -> str:
     import torch
@@ -23,32 +16,31 @@ def _device(name: str) -> str:
     return name
 
 
+SAMPLE_PHOTOS = ["chelsea", "astronaut", "coffee", "rocket", "hubble_deep_field", "retina", "camera", "moon", "brick", "grass"]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Embed a few real sample photos and print their ITC and ITM scores against a few captions."""
-    import torch
+    """The main job, offline: index scikit-image's sample photos, then answer a text query."""
     from PIL import Image
     from skimage import data as samples
 
+    from indexer import IndexConfig, build_index
     from qformer.factory import create_model
-    from qformer.retrieval import itc_similarity
+    from search.engine import Searcher
 
+    work = Path(args.dir)
+    photos = work / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for name in SAMPLE_PHOTOS:
+        if not (photos / f"{name}.png").exists():
+            Image.fromarray(getattr(samples, name)()).convert("RGB").save(photos / f"{name}.png")
     model = create_model(args.model, _device(args.device))
-    names = ["chelsea", "astronaut", "coffee", "rocket"]
-    images = [Image.fromarray(getattr(samples, n)()) for n in names]
-    pixels = torch.stack([model.preprocess()(im) for im in images])
-    image_embeds, tokens = model.embed_images(pixels)
-    itc = itc_similarity(image_embeds, model.embed_texts(DEMO_CAPTIONS))  # [images, captions]
-    itm = torch.stack([model.itm_match_logit(tokens[i : i + 1], DEMO_CAPTIONS) for i in range(len(images))])
-    rows = [{"image": n, "caption": c, "itc": round(float(itc[i, j]), 4), "itm": round(float(itm[i, j]), 4),
-             "score": round(float(itc[i, j] + itm[i, j]), 4)}
-            for i, n in enumerate(names) for j, c in enumerate(DEMO_CAPTIONS)]
-    if args.json:
-        print(json.dumps({"model": model.name, "scores": rows}, indent=2))
-        return 0
-    print(f"model: {model.name}   (score = ITM match logit + ITC cosine)")
-    print(f"{'image':<10} {'caption':<32} {'itc':>8} {'itm':>8} {'score':>8}")
-    for r in rows:
-        print(f"{r['image']:<10} {r['caption']:<32} {r['itc']:>8.4f} {r['itm']:>8.4f} {r['score']:>8.4f}")
+    stats = build_index(model, [photos], work / "index", IndexConfig(num_workers=0), progress=False)
+    print(f"indexed {photos}: {stats}")
+    hits = Searcher(work / "index", model=model).search(args.query, k=args.k)
+    print(f"\nquery: {args.query!r}   model: {model.name}   (score = ITM match logit + ITC cosine)")
+    for h in hits:
+        print(f"{h.rank:>3}  {h.score:8.4f}  itc {h.itc:.4f}  itm {h.itm:.4f}  {h.path}")
     return 0
 
 
@@ -183,6 +175,17 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_stage2(args: argparse.Namespace) -> int:
+    """Stage-2 training: Q-Former soft prompts into a frozen LLM."""
+    import logging
+
+    from qformer.stage2 import config_from_args, train_stage2
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"final checkpoint: {train_stage2(config_from_args(args))}")
+    return 0
+
+
 def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     """Recall@K on a retrieval dataset with the paper's protocol."""
     from qformer.datasets import load_retrieval_set
@@ -216,10 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qsearch", description="Image-text search on the BLIP-2 Q-Former.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="score a few sample photos against a few captions (offline)")
+    d = sub.add_parser("demo", help="index sample photos and search them (offline)")
+    d.add_argument("query", nargs="?", default="a cat looking at the camera")
+    d.add_argument("--dir", default="out/demo", help="where the photos and the index go")
     d.add_argument("--model", default="blip2-tiny-init", help="model name, checkpoint directory/file or hub id")
     d.add_argument("--device", default="auto")
-    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("-k", type=int, default=5)
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("index", help="index image collections (incremental, crash-safe)")
@@ -279,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(tsub.add_parser("stage1", help="stage 1: ITC + ITM + ITG on image-caption pairs"))
     tsub.choices["stage1"].set_defaults(func=cmd_train_stage1)
+    from qformer.stage2 import add_arguments as add_stage2_arguments
+
+    add_stage2_arguments(tsub.add_parser("stage2", help="stage 2: Q-Former soft prompts into a frozen LLM"))
+    tsub.choices["stage2"].set_defaults(func=cmd_train_stage2)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

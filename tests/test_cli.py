@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from conftest import FLICKR8K, LAVIS_TINY, needs_flickr8k
 
 from search.cli import main
@@ -24,16 +23,18 @@ def check_results(res: dict, n_images: int, n_texts: int) -> None:
         assert res[row]["img_r1"] <= res[row]["img_r5"] <= res[row]["img_r10"]
 
 
-def test_demo_console_script_offline():
-    out = subprocess.run([sys.executable, "-m", "search.cli", "demo", "--json", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", **_env()})
+def test_demo_indexes_sample_photos_and_searches(tmp_path):
+    cmd = [sys.executable, "-m", "search.cli", "demo", "a cat", "--dir", str(tmp_path), "--device", "cpu"]
+    env = {**_env(), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout)
-    assert res["model"] == "blip2-tiny-init"
-    assert len(res["scores"]) == 16
-    for r in res["scores"]:
-        assert r["score"] == pytest.approx(r["itc"] + r["itm"], abs=2e-4)
-        assert -1.0 <= r["itc"] <= 1.0
+    assert "embedded=10" in out.stdout
+    ranked = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in ranked] == [1, 2, 3, 4, 5]
+    scores = [float(r[1]) for r in ranked]
+    assert scores == sorted(scores, reverse=True)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)  # incremental: no re-embedding
+    assert again.returncode == 0 and "embedded=0" in again.stdout and "unchanged=10" in again.stdout
 
 
 def _env() -> dict:
