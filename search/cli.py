@@ -113,7 +113,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 print(f"{h['rank']:>3}  {h['score']:.4f}  {h['caption']}  ({h['path']})")
         return 0
     hits = searcher.search(text=args.text, image=args.image, k=args.k, rerank=args.rerank, where=args.where,
-                           params=args.param, expand=args.expand, offset=args.offset)
+                           params=args.param, expand=args.expand, offset=args.offset, hybrid=args.hybrid)
     if args.json:
         _print_json([h.to_dict() for h in hits])
         return 0
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--where", help="SQL predicate over the metadata, e.g. \"width > ?\"")
     s.add_argument("--param", action="append", default=[], help="a value for a ? in --where (repeatable)")
     s.add_argument("--expand", action="store_true", help="image queries: add the image's generated caption")
+    s.add_argument("--hybrid", action="store_true",
+                   help="text queries: fuse BM25 over the stored captions with dense ITC before re-ranking")
     s.add_argument("--captions-of", metavar="IMAGE", help="image → text: rank the stored captions for IMAGE")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")

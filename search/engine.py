@@ -29,6 +29,7 @@ from qformer.factory import Blip2Retriever, create_model
 
 BASE_COLUMNS = ("image_id", "path", "source", "sha256", "size", "mtime", "width", "height", "format",
                 "caption", "indexed_at", "shard", "row")
+FUSION_DEPTH = 128  # hybrid search fuses the dense and BM25 rankings down to this depth
 MAX_QUERY_CHARS = 2000  # longer text is refused: the tokenizer would keep only ~35 tokens anyway
 
 
@@ -71,6 +72,7 @@ class Searcher:
         self.model = model if model is not None else create_model(src, device)
         self.index.check_model(self.model)
         self._caption_embeds: tuple[np.ndarray, torch.Tensor] | None = None
+        self._fts: Any = None  # DuckDB connection with a BM25 index over the stored captions, built lazily
 
     # ---- embeddings -------------------------------------------------------------------------------------
     def _text(self, text: str) -> torch.Tensor:
@@ -137,11 +139,13 @@ class Searcher:
         params: Sequence[Any] | None = None,
         expand: bool = False,
         offset: int = 0,
+        hybrid: bool = False,
     ) -> list[Hit]:
         """Images ranked for a text, an example image, or both.
 
         rerank: ITM re-ranks this many ITC candidates (0: ITC only). expand: an image query's generated
-        caption joins the query as text. offset: skip this many results (paging).
+        caption joins the query as text. hybrid: text candidates fuse dense ITC with BM25 over the stored
+        captions (reciprocal-rank fusion) before re-ranking. offset: skip this many results (paging).
         """
         if k <= 0:
             raise QueryError("k must be positive")
@@ -164,7 +168,12 @@ class Searcher:
         # candidates: ITC for text, MaxSim for images (pooled query embedding for the FAISS pass)
         cand: dict[int, None] = {}
         if t is not None:
-            cand.update(dict.fromkeys(self._itc_top(t, want, allowed)[0].tolist()))
+            if hybrid:  # fuse both rankings at depth >= 128, keep the best `want`
+                depth = max(want, FUSION_DEPTH)
+                dense = self._fuse_with_bm25(self._itc_top(t, depth, allowed)[0], text, depth, allowed)[:want]
+            else:
+                dense = self._itc_top(t, want, allowed)[0]
+            cand.update(dict.fromkeys(dense.tolist()))
         if q_img is not None:
             pooled = torch.nn.functional.normalize(q_img.mean(0), dim=0)
             cand.update(dict.fromkeys(self._itc_top(pooled, want, allowed)[0].tolist()))
@@ -174,7 +183,11 @@ class Searcher:
         itc = np.einsum("iqd,d->iq", self.index.embeddings(ids), t.numpy()).max(1) if t is not None else None
         sim = self._image_sim(q_img, ids) if q_img is not None else None
         base = (itc if itc is not None else 0.0) + (sim if sim is not None else 0.0)
-        ids, itc, sim, base = _top(ids, base, want, itc, sim)
+        fused = hybrid and t is not None and q_img is None
+        if fused:  # keep the fused candidate order (it decides the re-ranking pool and the tail's order)
+            ids, itc, sim, base = ids[:want], itc[:want], None, base[:want]
+        else:
+            ids, itc, sim, base = _top(ids, base, want, itc, sim)
         itm = None
         if t is not None and rerank > 0:
             n = min(rerank, len(ids))
@@ -186,7 +199,7 @@ class Searcher:
             order = np.concatenate([np.argsort(-score[:n], kind="stable"), np.arange(n, len(ids))])
         else:
             score = base
-            order = np.argsort(-score, kind="stable")
+            order = np.arange(len(ids)) if fused else np.argsort(-score, kind="stable")
         order = order[offset : offset + k]
         rows = self.index.rows(ids[order]).to_pylist()
         hits = []
@@ -199,6 +212,27 @@ class Searcher:
                 metadata={c: v for c, v in row.items() if c not in ("image_id", "path", "caption", "shard", "row")},
             ))
         return hits
+
+    def _fuse_with_bm25(self, dense: np.ndarray, text: str, n: int, allowed: np.ndarray | None) -> np.ndarray:
+        """Reciprocal-rank fusion (k=60) of dense ITC ranks with BM25 ranks over the stored captions."""
+        bm25 = self._bm25_top(text, n * 4 if allowed is not None else n)
+        if allowed is not None:
+            bm25 = bm25[np.isin(bm25, allowed)][:n]
+        fused: dict[int, float] = {}
+        for ranking in (dense, bm25):
+            for r, i in enumerate(ranking.tolist()):
+                fused[i] = fused.get(i, 0.0) + 1.0 / (60 + r + 1)
+        return np.array(sorted(fused, key=lambda i: -fused[i])[:n], np.int64)
+
+    def _bm25_top(self, text: str, n: int) -> np.ndarray:
+        if self._fts is None:
+            self._fts = caption_fts(self.index.metadata)
+        if self._fts is False:
+            return np.empty(0, np.int64)
+        rows = self._fts.execute(
+            "SELECT image_id FROM (SELECT image_id, fts_main_caps.match_bm25(image_id, ?) AS s FROM caps) "
+            "WHERE s IS NOT NULL ORDER BY s DESC, image_id LIMIT ?", [text, n]).fetchall()
+        return np.array([r[0] for r in rows], np.int64)
 
     def search_captions(self, image: str | Path | bytes | Image.Image, k: int = 10) -> list[CaptionHit]:
         """Image → text: the stored captions ranked by ITC against the query image."""
@@ -222,6 +256,36 @@ class Searcher:
                                 for i in range(0, len(texts), 256)]) if texts else torch.empty(0)
             self._caption_embeds = (ids, embeds)
         return self._caption_embeds
+
+
+def fts_extension_path() -> Path:
+    """The DuckDB full-text-search extension shipped in the `duckdb-extension-fts` wheel (no download)."""
+    import importlib.util
+
+    import duckdb
+
+    spec = importlib.util.find_spec("duckdb_extension_fts")
+    if spec is None or not spec.submodule_search_locations:
+        raise QueryError("hybrid search needs the `duckdb-extension-fts` package")
+    path = Path(list(spec.submodule_search_locations)[0]) / "extensions" / f"v{duckdb.__version__}" / "fts.duckdb_extension"
+    if not path.exists():
+        raise QueryError(f"no DuckDB FTS extension for duckdb {duckdb.__version__} at {path}")
+    return path
+
+
+def caption_fts(metadata: Any) -> Any:
+    """An in-memory DuckDB with a BM25 index over the non-empty captions (False if there are none)."""
+    import duckdb
+
+    caps = metadata.select(["image_id", "caption"]).filter(metadata["caption"].is_valid())
+    if caps.num_rows == 0:
+        return False
+    con = duckdb.connect(":memory:")
+    con.execute(f"LOAD '{fts_extension_path()}'")
+    con.register("m", caps)
+    con.execute("CREATE TABLE caps AS SELECT image_id, caption FROM m WHERE length(trim(caption)) > 0")
+    con.execute("PRAGMA create_fts_index('caps', 'image_id', 'caption')")
+    return con
 
 
 def _top(ids: np.ndarray, base: np.ndarray, n: int, *cols: np.ndarray | None):

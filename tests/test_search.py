@@ -171,3 +171,23 @@ def test_remove_and_reindex(collection, small_model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"removed": 1}
     hits = Searcher(d).search("red", k=20, rerank=0)
     assert len(hits) == len(COLOURS) - 1 and not any(h.path.endswith("red.png") for h in hits)
+
+
+def test_hybrid_bm25_over_stored_captions(collection, small_model_dir, tmp_path):
+    captions = {name: f"a plain {name} card" for name in COLOURS}
+    captions["green"] = "a zebra grazing on a green field"
+    with open(tmp_path / "captioned.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "caption"])
+        w.writeheader()
+        w.writerows({"path": str(collection / f"{n}.png"), "caption": c} for n, c in captions.items())
+    d = tmp_path / "index"
+    assert main(["index", str(d), str(tmp_path / "captioned.csv"), "--model", str(small_model_dir),
+                 "--device", "cpu", "--workers", "0", "--json"]) == 0
+    s = Searcher(d)
+    hits = s.search("zebra", k=1, rerank=0, hybrid=True)  # the only BM25 match outranks every dense-only hit
+    assert hits[0].path.endswith("green.png") and hits[0].caption.startswith("a zebra")
+    # without a caption match, hybrid keeps the dense candidates
+    assert len(s.search("qwertyuiop", k=3, rerank=0, hybrid=True)) == 3
+    assert s.search("zebra", k=2, hybrid=True, where="caption LIKE ?", params=["%plain%"])[0].caption.startswith("a plain")
+    ranked = s.search_captions(collection / "green.png", k=3)
+    assert len(ranked) == 3 and {h.caption for h in ranked} <= set(captions.values())
