@@ -69,10 +69,11 @@ from qformer.train import (
     checkpoint_root,
     derive_seed,
     load_pairs,
-    load_train_state,
     lr_at,
     make_optimizer,
+    mixed_precision,
     resolve_resume,
+    restore_train_state,
     save_checkpoint,
 )
 
@@ -588,23 +589,8 @@ def train_stage2(cfg: Stage2Config, pairs: CaptionPairs | None = None) -> Path:
     model.train()  # dropout in the Q-Former; LLM and encoder stay in eval mode
     trainable = model.trainable()
     optimizer = make_optimizer(trainable, cfg)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    use_amp = device.type == "cuda" and precision in ("bf16", "fp16")
-    amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and precision == "fp16")
-    start_step = 0
-    if resume_dir is not None:
-        state = load_train_state(resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
-        changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
-                   if k != "resume" and getattr(cfg, k, None) != v}
-        if changed:
-            logger.warning("resuming with a changed config (saved, now): %s", changed)
-        logger.info("resuming from %s at step %d", resume_dir, start_step)
+    use_amp, amp_dtype, scaler = mixed_precision(cfg.precision, device)
+    start_step = restore_train_state(resume_dir, optimizer, scaler, cfg)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
 
     # data: pairs -> (cached features | live images) -> deterministic batches from global batch index on

@@ -327,6 +327,31 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
+def mixed_precision(precision: str, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
+    """(autocast on?, its dtype, grad scaler) for "auto" | "fp32" | "bf16" | "fp16"; autocast is CUDA only."""
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    use_amp = device.type == "cuda" and precision in ("bf16", "fp16")
+    amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return use_amp, amp_dtype, torch.amp.GradScaler(device.type, enabled=use_amp and precision == "fp16")
+
+
+def restore_train_state(resume_dir: Path | None, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                        cfg: Any) -> int:
+    """Load optimiser and scaler state from a checkpoint; returns the step to continue from (0: fresh)."""
+    if resume_dir is None:
+        return 0
+    state = load_train_state(resume_dir)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
+               if k != "resume" and getattr(cfg, k, None) != v}
+    if changed:
+        logger.warning("resuming with a changed config (saved, now): %s", changed)
+    logger.info("resuming from %s at step %d", resume_dir, state["step"])
+    return state["step"]
+
+
 def train(cfg: TrainConfig, pairs: CaptionPairs | None = None) -> Path:
     """Run (or resume) stage-1 training; returns the final checkpoint directory.
 
@@ -348,23 +373,8 @@ def train(cfg: TrainConfig, pairs: CaptionPairs | None = None) -> Path:
     qformer = model.qformer.train()  # dropout on; the frozen encoder stays in eval mode
     objective = Stage1Objective(qformer)
     optimizer = make_optimizer(qformer, cfg)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    use_amp = device.type == "cuda" and precision in ("bf16", "fp16")
-    amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and precision == "fp16")
-    start_step = 0
-    if resume_dir is not None:
-        state = load_train_state(resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
-        changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
-                   if k != "resume" and getattr(cfg, k, None) != v}
-        if changed:
-            logger.warning("resuming with a changed config (saved, now): %s", changed)
-        logger.info("resuming from %s at step %d", resume_dir, start_step)
+    use_amp, amp_dtype, scaler = mixed_precision(cfg.precision, device)
+    start_step = restore_train_state(resume_dir, optimizer, scaler, cfg)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
 
     # data: pairs -> (cached features | live images) -> deterministic batches from global batch index on
