@@ -33,7 +33,6 @@ import argparse
 import copy
 import dataclasses
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -66,6 +65,7 @@ from qformer.train import (
     PairDataset,
     _append_jsonl,
     _truncate_metrics,
+    add_config_arguments,
     checkpoint_root,
     derive_seed,
     load_pairs,
@@ -669,26 +669,9 @@ def train_stage2(cfg: Stage2Config, pairs: CaptionPairs | None = None) -> Path:
 
 
 # ---- command line ------------------------------------------------------------------------------------------
-def _field_comments() -> dict[str, str]:
-    """The trailing `# comment` of each Stage2Config field, used as its --help text."""
-    found = re.findall(r"^\s+(\w+): [^=]+=[^#\n]*#\s*(.+)$", inspect.getsource(Stage2Config), re.M)
-    return dict(found)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """One --flag per Stage2Config field (underscores become dashes; booleans get --x / --no-x)."""
-    comments = _field_comments()
-    for f in dataclasses.fields(Stage2Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "resume":
-            p.add_argument(flag, nargs="?", const="latest", default="", metavar="CHECKPOINT",
-                           help="continue from the newest checkpoint in --out-dir, or from CHECKPOINT")
-        elif isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=comments.get(f.name))
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default,
-                           help=f"{comments.get(f.name, '')} (default: {f.default!r})".lstrip())
-    return p
+    """The stage-2 flags: one per Stage2Config field."""
+    return add_config_arguments(p, Stage2Config)
 
 
 def config_from_args(args: argparse.Namespace) -> Stage2Config:

@@ -455,16 +455,16 @@ def train(cfg: TrainConfig, pairs: CaptionPairs | None = None) -> Path:
 
 
 # ---- command line ----------------------------------------------------------------------------------------
-def _field_comments() -> dict[str, str]:
-    """The trailing `# comment` of each TrainConfig field, used as its --help text."""
-    found = re.findall(r"^\s+(\w+): [^=]+=[^#\n]*#\s*(.+)$", inspect.getsource(TrainConfig), re.M)
+def _field_comments(config_cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field of a config dataclass, used as its --help text."""
+    found = re.findall(r"^\s+(\w+): [^=]+=[^#\n]*#\s*(.+)$", inspect.getsource(config_cls), re.M)
     return dict(found)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """One --flag per TrainConfig field (underscores become dashes; booleans get --x / --no-x)."""
-    comments = _field_comments()
-    for f in dataclasses.fields(TrainConfig):
+def add_config_arguments(p: argparse.ArgumentParser, config_cls: type) -> argparse.ArgumentParser:
+    """One --flag per field of a config dataclass (underscores become dashes; booleans get --x / --no-x)."""
+    comments = _field_comments(config_cls)
+    for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", default="", metavar="CHECKPOINT",
@@ -476,6 +476,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
             p.add_argument(flag, type=type(f.default), default=f.default,
                            help=f"{comments.get(f.name, '')} (default: {f.default!r})".lstrip())
     return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The stage-1 flags: one per TrainConfig field."""
+    return add_config_arguments(p, TrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
