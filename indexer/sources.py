@@ -19,10 +19,11 @@ from typing import Any
 
 from PIL import Image
 
+from qformer.features import TAR_SEP, read_tar_member
+
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 PATH_COLUMNS = ("path", "filepath", "file_path", "image_path", "image", "filename", "file")
-TAR_SEP = "::"
 
 
 class SourceError(ValueError):
@@ -57,18 +58,7 @@ def read_item_bytes(item: Item) -> bytes:
         with open(item.path, "rb") as f:
             return f.read()
     tar_path, member = item.path.split(TAR_SEP, 1)
-    if item.tar_offset >= 0:
-        with open(tar_path, "rb") as f:
-            f.seek(item.tar_offset)
-            data = f.read(item.size)
-        if len(data) != item.size:
-            raise OSError(f"{tar_path}: member {member} is cut short ({len(data)} of {item.size} bytes)")
-        return data
-    with tarfile.open(tar_path) as tf:  # compressed shard: no random access
-        fobj = tf.extractfile(member)
-        if fobj is None:
-            raise OSError(f"{tar_path}: member {member} is not a regular file")
-        return fobj.read()
+    return read_tar_member(tar_path, member, item.tar_offset, item.size)  # shared with qformer's image reader
 
 
 def expand_source(source: str | Path) -> list[Path]:

@@ -13,13 +13,19 @@ directory with an `index.json` always holds a complete cache.
 
 An image that cannot be read (missing, truncated, not an image) is logged with the reason, recorded
 in `skipped`, its row left as zeros and marked invalid (`FeatureCache.valid`); the build goes on.
+
+An image path may name a member of a (webdataset) tar shard as `<tar path>::<member name>`, the key
+format of `indexer.sources`; `read_image` and the indexer both read such members with `read_tar_member`.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
 import os
+import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,12 +46,58 @@ INDEX = "index.json"
 PARTIAL = "features.npy.partial"
 PROGRESS = "progress.json"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+TAR_SEP = "::"  # "<tar path>::<member name>": an image inside a tar shard
+
+
+def split_tar_path(path: str | Path) -> tuple[str, str] | None:
+    """(tar path, member name) of a "<tar>::<member>" path; None for a plain file path."""
+    tar, sep, member = str(path).partition(TAR_SEP)
+    return (tar, member) if sep else None
+
+
+@functools.lru_cache(maxsize=64)
+def _tar_members(tar_path: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int]]:
+    """Member name -> (data offset, size) of an uncompressed tar; (mtime, size) key a changed file anew."""
+    with tarfile.open(tar_path) as tf:
+        return {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
+
+
+def read_tar_member(tar_path: str, member: str, offset: int = -1, size: int = -1) -> bytes:
+    """The bytes of one member of a tar shard. An uncompressed `.tar` is read by seeking to the member's
+    data (`offset`/`size` when known, else looked up in a per-process index of the shard); a compressed
+    one is decompressed up to the member. Raises FileNotFoundError (no shard or no such member) or OSError."""
+    try:
+        if offset < 0 and tar_path.lower().endswith(".tar"):
+            st = os.stat(tar_path)
+            found = _tar_members(tar_path, st.st_mtime_ns, st.st_size).get(member)
+            if found is None:
+                raise FileNotFoundError(f"{tar_path}: no member {member}")
+            offset, size = found
+        if offset >= 0:
+            with open(tar_path, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+            if len(data) != size:
+                raise OSError(f"{tar_path}: member {member} is cut short ({len(data)} of {size} bytes)")
+            return data
+        with tarfile.open(tar_path) as tf:  # compressed shard: no random access
+            try:
+                fobj = tf.extractfile(member)
+            except KeyError:
+                raise FileNotFoundError(f"{tar_path}: no member {member}") from None
+            if fobj is None:
+                raise OSError(f"{tar_path}: member {member} is not a regular file")
+            return fobj.read()
+    except tarfile.TarError as e:
+        raise OSError(f"{tar_path}: {e}") from e
 
 
 def read_image(path: Path, transform: Callable[[Image.Image], Tensor]) -> tuple[Tensor | None, str]:
-    """(pixels, "") or (None, reason) for an image that cannot be decoded; never raises for bad files."""
+    """(pixels, "") or (None, reason) for an image that cannot be decoded; never raises for bad files.
+    `path` is a file or a tar member ("<tar>::<member>")."""
     try:
-        with Image.open(path) as im:
+        member = split_tar_path(path)
+        with Image.open(io.BytesIO(read_tar_member(*member)) if member else path) as im:
             im.load()  # decode fully now: a truncated file fails here, not later
             return transform(im), ""
     except FileNotFoundError:

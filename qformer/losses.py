@@ -59,14 +59,28 @@ def gather_no_grad(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+class _GatherLayer(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's shard (LAVIS GatherLayer)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
+        return gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        rank, w = world()
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # the other ranks' losses also depend on this rank's features
+        return grad.chunk(w)[rank]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
-    """[B,...] from every rank -> [W*B,...]; gradient flows into this rank's own shard only."""
-    rank, w = world()
+    """[B,...] from every rank -> [W*B,...], differentiable: each rank's shard receives the gradient of every
+    rank's loss, so after DDP's gradient averaging the update equals one process on the global batch."""
+    _, w = world()
     if w == 1:
         return x
-    parts = list(gather_no_grad(x).chunk(w))
-    parts[rank] = x  # keep the autograd graph for the local shard
-    return torch.cat(parts)
+    return _GatherLayer.apply(x)
 
 
 def gather_text(input_ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -414,3 +415,228 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, small_dir, cache_dir):
     strip = ("pairs_per_s",)
     assert [{k2: v for k2, v in r.items() if k2 not in strip} for r in la] == \
            [{k2: v for k2, v in r.items() if k2 not in strip} for r in lb]
+
+
+# ---- your own data: CSV/Parquet manifests, webdataset shards ------------------------------------------------
+def make_photos(folder: Path, n: int, seed: int = 0, start: int = 0) -> list[Path]:
+    """n small generated photos (a coloured gradient plus noise), alternately JPEG and PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(start, start + n):
+        base = torch.rand(3, 1, 1, generator=g) * torch.linspace(0.2, 1.0, 64).view(1, 1, 64)
+        pixels = ((base + 0.2 * torch.rand(3, 64, 64, generator=g)).clamp(0, 1) * 255).byte()
+        path = folder / f"photo_{i:03d}.{'jpg' if i % 2 == 0 else 'png'}"
+        PIL.Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
+        paths.append(path)
+    return paths
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    if path.suffix == ".csv":
+        pacsv.write_csv(table, path)
+    else:
+        pq.write_table(table, path)
+    return path
+
+
+def manifest_config(out_dir: Path, model: Path, manifest: Path, **kw) -> TrainConfig:
+    base = dict(dataset="manifest", data_root=str(manifest), model=str(model), out_dir=str(out_dir),
+                cache_dir=str(out_dir.parent / f"{out_dir.name}-features"), batch_size=8, lr=1e-3,
+                warmup_steps=2, log_every=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def read_log(out_dir: str | Path) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_manifest_training(tmp_path, small_dir, fmt):
+    photos = make_photos(tmp_path / "data" / "images", 8)
+    if fmt == "csv":  # `image` + `caption`, one row per caption
+        rows = [{"image": f"images/{p.name}", "caption": f"A photo, number {i} ({k})!"}
+                for i, p in enumerate(photos) for k in ("first", "second")]
+    else:  # `path` + `text`, a list of captions per row
+        rows = [{"path": f"images/{p.name}", "text": [f"photo number {i}", f"picture {i}"]}
+                for i, p in enumerate(photos)]
+    manifest = write_manifest(tmp_path / "data" / f"pairs.{fmt}", rows)
+
+    pairs = load_pairs("manifest", manifest, "train")  # relative paths resolve against the manifest's folder
+    assert pairs.image_paths == [p.resolve() for p in photos]
+    assert len(pairs) == 16 and pairs.pair_image == [i for i in range(8) for _ in range(2)]
+    assert pairs.captions[:2] == (["a photo, number 0 first", "a photo, number 0 second"] if fmt == "csv"
+                                  else ["photo number 0", "picture 0"])
+
+    cfg = manifest_config(tmp_path / "run", small_dir, manifest, max_steps=3)
+    final = train(cfg)
+    records = read_log(cfg.out_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r[k]) for r in records for k in ("itc", "itm", "itg", "loss"))
+    assert final.name == "step_0000003" and create_model(final).qformer.config == SMALL
+
+
+def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """An (uncompressed) webdataset tar shard of (member name, bytes)."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "live"])
+def test_webdataset_training_skips_a_corrupt_member(tmp_path, small_dir, caplog, use_cache):
+    photos = make_photos(tmp_path / "photos", 9)
+    samples = [[(f"{i:03d}{p.suffix}", p.read_bytes()),
+                (f"{i:03d}.txt", f"a photo number {i}".encode()) if i % 2 == 0 else
+                (f"{i:03d}.json", json.dumps({"caption": f"a picture number {i}"}).encode())]
+               for i, p in enumerate(photos)]  # .jpg + .txt, .png + .json
+    write_shard(tmp_path / "shards" / "shard-000.tar", [m for s in samples[:5] for m in s])
+    bad = write_shard(tmp_path / "shards" / "shard-001.tar", [*(m for s in samples[5:] for m in s),
+                      ("bad.jpg", b"\xff\xd8 this is not a JPEG" * 20), ("bad.txt", b"a broken photo")])
+    root = tmp_path / "shards" if use_cache else tmp_path / "shards" / "shard-{000..001}.tar"  # folder or pattern
+
+    pairs = load_pairs("webdataset", root, "train")
+    assert len(pairs) == 10 and len(pairs.image_paths) == 10
+    assert str(pairs.image_paths[0]) == f"{tmp_path / 'shards' / 'shard-000.tar'}::000.jpg"
+    assert pairs.captions[:2] == ["a photo number 0", "a picture number 1"]
+
+    # cached: the corrupt image is left out up front (9 usable pairs); live: each batch holds all 10 pairs
+    cfg = manifest_config(tmp_path / "run", small_dir, root, dataset="webdataset", cache=use_cache, max_steps=2,
+                          batch_size=8 if use_cache else 10)
+    with caplog.at_level(logging.WARNING):
+        final = train(cfg)
+    assert f"skipping image {bad}::bad.jpg: UnidentifiedImageError" in caplog.text
+    if use_cache:
+        assert "training on 9 of 10 pairs" in caplog.text
+    records = read_log(cfg.out_dir)
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert final.name == "step_0000002"
+
+
+# ---- evaluation every epoch, the metrics plot --------------------------------------------------------------
+def split_manifest(folder: Path, n_train: int = 8, n_dev: int = 4) -> Path:
+    """A manifest with a `split` column: n_train training and n_dev dev images, two captions each."""
+    photos = make_photos(folder / "images", n_train + n_dev)
+    rows = [{"image": f"images/{p.name}", "caption": f"{word} photo {i}",
+             "split": "train" if i < n_train else "dev"}
+            for i, p in enumerate(photos) for word in ("a", "one")]
+    return write_manifest(folder / "pairs.csv", rows)
+
+
+def test_eval_every_epoch_and_metrics_plot(tmp_path, small_dir):
+    import xml.etree.ElementTree as ET
+
+    from qformer.evaluate import evaluate_retrieval
+    from qformer.train import retrieval_set_from_pairs
+
+    manifest = split_manifest(tmp_path / "data")
+    # 16 training pairs, batch 8: two steps per epoch -> evaluations after steps 2 and 4 and at the end (5)
+    cfg = manifest_config(tmp_path / "run", small_dir, manifest, max_steps=5, eval_split="dev", eval_k_test=4)
+    final = train(cfg)
+    records = read_log(cfg.out_dir)
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(2, 1.0), (4, 2.0), (5, 2.5)]
+    assert [r["step"] for r in records if r.get("kind") != "eval"] == [1, 2, 3, 4, 5]
+    for r in evals:
+        assert r["split"] == "dev" and r["n_images"] == 4 and r["n_texts"] == 8 and r["k_test"] == 4
+        for row in ("itc", "itc+itm"):
+            assert all(0.0 <= r[row][f"{d}_r{k}"] <= 100.0 for d in ("txt", "img") for k in (1, 5, 10))
+    assert evals[-1]["itc"]["txt_r10"] == 100.0  # 4 images: every caption ranks in the top 10
+
+    # the numbers are the retrieval benchmark's, for the final checkpoint on the same dev images
+    dev = retrieval_set_from_pairs(load_pairs("manifest", manifest, "dev"))
+    bench = evaluate_retrieval(create_model(final), dev, k_test=4, num_workers=0, progress=False)
+    for row in ("itc", "itc+itm"):
+        assert evals[-1][row] == pytest.approx(bench[row])
+
+    # metrics.svg: valid SVG with the loss curves and the recall curves
+    svg = ET.parse(Path(cfg.out_dir) / "metrics.svg").getroot()
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    texts = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
+    assert {"itc", "itm", "itg", "loss", "itc+itm txt_r1", "itc img_r1"} <= texts
+    assert len(list(svg.iter("{http://www.w3.org/2000/svg}polyline"))) >= 12
+
+    # evaluating does not perturb training: the same run without evaluation ends with the same weights
+    plain = manifest_config(tmp_path / "plain", small_dir, manifest, max_steps=5, cache_dir=cfg.cache_dir)
+    train(plain)
+    a = load_file(str(final / "qformer.safetensors"))
+    b = load_file(str(list_checkpoints(plain.out_dir)[-1] / "qformer.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in records if r.get("kind") != "eval"]
+    assert losses == [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in read_log(plain.out_dir)]
+
+
+# ---- multi-process DDP (torchrun, gloo on CPU) ---------------------------------------------------------------
+def test_torchrun_two_ranks(tmp_path, small_dir):
+    manifest = split_manifest(tmp_path / "data", n_train=8, n_dev=2)
+    out = tmp_path / "run"
+    args = ["--dataset", "manifest", "--data-root", str(manifest), "--model", str(small_dir), "--out-dir", str(out),
+            "--batch-size", "8", "--max-steps", "3", "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "1",
+            "--checkpoint-every", "100", "--eval-split", "dev", "--eval-k-test", "2", "--device", "cpu",
+            "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "qformer.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 ranks)" in proc.stderr and "final checkpoint" in proc.stdout
+    assert [c.name for c in list_checkpoints(out)] == ["step_0000003"]  # written once, by rank 0
+    model = create_model(list_checkpoints(out)[0])
+    assert model.qformer.config == SMALL
+    records = read_log(out)
+    steps = [r for r in records if r.get("kind") != "eval"]
+    assert [r["step"] for r in steps] == [1, 2, 3]  # one record per step: rank 0 alone writes
+    assert all(math.isfinite(r[k]) for r in steps for k in ("itc", "itm", "itg", "loss"))
+    assert [r["step"] for r in records if r.get("kind") == "eval"] == [2, 3]  # 16 pairs: two steps per epoch
+    assert (out / "metrics.svg").is_file()
+
+
+def _itc_grad_worker(rank: int, world: int, init_file: str, feats: torch.Tensor, texts: torch.Tensor,
+                     out: str) -> None:
+    import torch.distributed as dist
+
+    from qformer.losses import gather_with_grad, itc_loss, itc_similarity_logits, positive_mask
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    b = feats.shape[0] // world
+    f = feats[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    t = texts[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    ids = torch.arange(rank * b, (rank + 1) * b)
+    sims = itc_similarity_logits(f, t, gather_with_grad(f), gather_with_grad(t), torch.tensor(0.07))
+    loss = itc_loss(*sims, positive_mask(ids, b, f.device))
+    (loss / world).backward()  # DDP averages gradients over ranks
+    grads = [torch.zeros_like(f.grad) for _ in range(world)], [torch.zeros_like(t.grad) for _ in range(world)]
+    dist.all_gather(grads[0], f.grad)
+    dist.all_gather(grads[1], t.grad)
+    if rank == 0:
+        torch.save({"feats": torch.cat(grads[0]), "texts": torch.cat(grads[1])}, out)
+    dist.destroy_process_group()
+
+
+def test_itc_gradients_across_two_ranks_equal_one_process(tmp_path):
+    """ITC with negatives gathered from 2 gloo ranks gives the gradient of one process on the global batch."""
+    from qformer.losses import itc_loss, itc_similarity_logits, positive_mask
+
+    torch.manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(8, 4, 16), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    torch.multiprocessing.spawn(_itc_grad_worker, args=(2, str(tmp_path / "init"), feats, texts,
+                                                        str(tmp_path / "g.pt")), nprocs=2)
+    got = torch.load(tmp_path / "g.pt")
+    f, t = feats.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+    sims = itc_similarity_logits(f, t, f, t, torch.tensor(0.07))
+    itc_loss(*sims, positive_mask(torch.arange(8), 8, f.device)).backward()
+    torch.testing.assert_close(got["feats"], f.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got["texts"], t.grad, atol=1e-6, rtol=1e-5)
