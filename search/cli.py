@@ -164,6 +164,27 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start the Streamlit search UI on an index; prints its address, runs until interrupted."""
+    import subprocess
+
+    import ui
+    from indexer import Index
+
+    Index.open(args.index)  # a missing or broken index fails here, with a clear message
+    app = Path(ui.__file__).parent / "app.py"
+    url = f"http://{args.host}:{args.port}"
+    print(f"qsearch UI for {args.index}: {url}", flush=True)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
+           "--server.address", args.host, "--server.port", str(args.port), "--server.fileWatcherType", "none",
+           "--browser.gatherUsageStats", "false", "--server.maxUploadSize", "50", "--client.toolbarMode", "minimal", "--", "--index",
+           str(Path(args.index).resolve())]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_train_stage1(args: argparse.Namespace) -> int:
     """Stage-1 training (ITC + ITM + ITG) of the Q-Former."""
     import logging
@@ -279,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_caption)
+
+    u = sub.add_parser("ui", help="start the search UI (Streamlit) on an index")
+    u.add_argument("index")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    u.add_argument("--port", type=int, default=8501)
+    u.set_defaults(func=cmd_ui)
 
     t = sub.add_parser("train", help="training")
     tsub = t.add_subparsers(dest="stage", required=True)
