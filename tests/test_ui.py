@@ -35,11 +35,12 @@ def collection(tmp_path_factory):
         for suffix, v in variants.items():
             p = root / f"{name}{suffix}.jpg"
             v.save(p)
-            rows.append({"path": str(p), "kind": "cat" if name == "chelsea" else "other", "year": 2000 + len(rows)})
+            rows.append({"path": str(p), "kind": "cat" if name == "chelsea" else "other", "year": 2000 + len(rows),
+                         "taken": f"2021-01-{len(rows) + 1:02d}"})
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    rows.append({"path": str(root / "broken.jpg"), "kind": "other", "year": 1999})
+    rows.append({"path": str(root / "broken.jpg"), "kind": "other", "year": 1999, "taken": "2020-12-31"})
     with open(root / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "kind", "year"])
+        w = csv.DictWriter(f, fieldnames=["path", "kind", "year", "taken"])
         w.writeheader()
         w.writerows(rows)
     return root
@@ -125,6 +126,16 @@ def test_choice_filter_and_range_filter_narrow_the_results(index_dir, monkeypatc
     at.slider(key="filter_year").set_value((2000, 2002)).run()  # the first three manifest rows
     assert sorted(result_paths(at)) == sorted(p for p in result_paths(at) if "chelsea" in p)
     assert len(result_paths(at)) == 3
+
+
+def test_date_filter_keeps_whole_days(index_dir, monkeypatch):
+    import datetime as dt
+
+    at = app(index_dir, monkeypatch)
+    at.text_input(key="q").input("a photo").run()
+    at.date_input(key="filter_taken").set_value((dt.date(2021, 1, 4), dt.date(2021, 1, 6))).run()
+    paths = result_paths(at)  # manifest rows 4-6: the astronaut and its two copies
+    assert len(paths) == 3 and all("astronaut" in p for p in paths)
 
 
 def test_free_sql_where_filters_and_rejects_injection(index_dir, monkeypatch, collection):
