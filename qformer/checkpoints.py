@@ -280,6 +280,46 @@ def qformer_state_from_bert(bert: dict[str, Tensor], config: QFormerConfig) -> d
     return out
 
 
+# ---- compact storage: int8 matrices (one scale per row), fp16 for the rest --------------------------------
+INT8_SCALE = ".int8_scale"  # key suffix of the per-row scales [rows, 1] of an int8-stored matrix
+INT8_MIN_ELEMENTS = 65_536  # smaller tensors (biases, norms, small projections) are kept in fp16
+
+
+def compact_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Halve or quarter a state dict for release: every float matrix with >= INT8_MIN_ELEMENTS entries
+    becomes int8 with a symmetric fp32 scale per row (key + INT8_SCALE); other float tensors become fp16.
+
+    Row-wise (per output channel / per token) weight-only int8, dequantised to fp32 on load
+    (`expand_state_dict`)."""
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        if not v.is_floating_point():
+            out[k] = v
+        elif v.ndim >= 2 and v.numel() >= INT8_MIN_ELEMENTS:
+            w = v.float().reshape(v.shape[0], -1)
+            scale = (w.abs().amax(1, keepdim=True) / 127.0).clamp_min(1e-12)  # [rows,1]
+            out[k] = torch.round(w / scale).clamp(-127, 127).to(torch.int8).reshape(v.shape)
+            out[k + INT8_SCALE] = scale
+        else:
+            out[k] = v.half()
+    return out
+
+
+def expand_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The fp32 state dict of a `compact_state_dict` (a plain state dict passes through, fp16 -> fp32)."""
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        if k.endswith(INT8_SCALE):
+            continue
+        scale = state.get(k + INT8_SCALE)
+        if scale is not None:
+            out[k] = (v.float().reshape(v.shape[0], -1) * scale.float()).reshape(v.shape)
+        else:
+            out[k] = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+    return out
+
+
 # ---- qsearch's own format ----------------------------------------------------------------------------------
 NATIVE_CONFIG = "qsearch.json"
 NATIVE_WEIGHTS = "qformer.safetensors"
@@ -294,17 +334,22 @@ def write_native(
     encoder_spec: dict[str, Any],
     encoder_state: dict[str, Tensor] | None = None,
     extra: dict[str, Any] | None = None,
+    compact: bool = False,
 ) -> Path:
     """Write a qsearch checkpoint directory: qsearch.json + qformer.safetensors (+ encoder.safetensors
-    when the frozen encoder is not reproducible from its spec)."""
+    when the frozen encoder is not reproducible from its spec). compact: Q-Former weights stored with
+    `compact_state_dict` (int8 matrices + fp16), for releases."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    if compact:
+        qformer_state = compact_state_dict(qformer_state)
     save_file({k: v.detach().contiguous().cpu() for k, v in qformer_state.items()}, str(d / NATIVE_WEIGHTS))
     if encoder_state:
         save_file({k: v.detach().contiguous().cpu() for k, v in encoder_state.items()},
                   str(d / NATIVE_ENCODER_WEIGHTS))
     meta = {"format": "qsearch", "version": FORMAT_VERSION, "qformer": config.to_dict(),
-            "encoder": encoder_spec, "encoder_weights": bool(encoder_state), **(extra or {})}
+            "encoder": encoder_spec, "encoder_weights": bool(encoder_state),
+            "weights": "int8-rows+fp16" if compact else "fp32", **(extra or {})}
     (d / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return d
 
@@ -320,6 +365,6 @@ def read_native(directory: str | Path) -> tuple[dict[str, Any], dict[str, Tensor
         raise CheckpointError(f"{d / NATIVE_CONFIG}: not a qsearch checkpoint")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{d}: written by a newer qsearch (format {meta['version']})")
-    qformer = read_state_dict(d / NATIVE_WEIGHTS)
+    qformer = expand_state_dict(read_state_dict(d / NATIVE_WEIGHTS))
     encoder = read_state_dict(d / NATIVE_ENCODER_WEIGHTS) if meta.get("encoder_weights") else None
     return meta, qformer, encoder

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+# The model qsearch uses when none is named: trained, offline (see qformer/weights/blip2-tiny/MODEL_CARD.md).
+DEFAULT_MODEL = "blip2-tiny"
+
 
 @dataclass(frozen=True)
 class QFormerConfig:

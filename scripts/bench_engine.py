@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from indexer import IndexConfig, build_index
+from qformer.config import DEFAULT_MODEL
 from qformer.evaluate import ImageFiles
 from qformer.factory import create_model
 from search.engine import Searcher, faiss_top_images
@@ -59,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", required=True, help="a folder of images")
     ap.add_argument("--n", type=int, default=512, help="images to index")
-    ap.add_argument("--model", default="blip2-tiny-init")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--index", default="out/bench_engine_index")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from indexer import IndexConfig, build_index
+from qformer.config import DEFAULT_MODEL
 from qformer.datasets import load_retrieval_set
 from qformer.evaluate import evaluate_retrieval
 from qformer.factory import create_model
@@ -24,7 +25,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="flickr8k")
     ap.add_argument("--root", required=True)
     ap.add_argument("--split", default="dev")
-    ap.add_argument("--model", default="blip2-tiny-init")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--k-test", type=int, default=128)
     ap.add_argument("--index", default="out/engine_vs_bench_index")
     ap.add_argument("--feature-dtype", default="fp16", choices=["fp16", "int8"])

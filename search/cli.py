@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from qformer.config import DEFAULT_MODEL
+
 
 def _device(name: str) -> str:
     import torch
@@ -243,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="index sample photos and search them (offline)")
     d.add_argument("query", nargs="?", default="a cat looking at the camera")
     d.add_argument("--dir", default="out/demo", help="where the photos and the index go")
-    d.add_argument("--model", default="blip2-tiny-init", help="model name, checkpoint directory/file or hub id")
+    d.add_argument("--model", default=DEFAULT_MODEL, help="model name, checkpoint directory/file or hub id")
     d.add_argument("--device", default="auto")
     d.add_argument("-k", type=int, default=5)
     d.set_defaults(func=cmd_demo)
@@ -251,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("index", help="index image collections (incremental, crash-safe)")
     i.add_argument("index", help="index directory (created if missing)")
     i.add_argument("sources", nargs="+", help="directories, CSV/Parquet manifests, webdataset .tar shards, files")
-    i.add_argument("--model", default="blip2-tiny-init")
+    i.add_argument("--model", default=DEFAULT_MODEL)
     i.add_argument("--device", default="auto")
     i.add_argument("--captions", action="store_true", help="caption every image (ITG decoder) into the metadata")
     i.add_argument("--feature-dtype", default="fp16", choices=["fp16", "int8"], help="ITM feature store precision")
@@ -292,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("caption", help="caption images with the Q-Former's ITG decoder")
     c.add_argument("images", nargs="+", help="image files")
-    c.add_argument("--model", default="blip2-tiny-init")
+    c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--device", default="auto")
     c.add_argument("--beams", type=int, default=3)
     c.add_argument("--max-length", type=int, default=30)
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", required=True, help="flickr8k | coco | flickr30k | karpathy-<name> | lavis")
     r.add_argument("--root", required=True, help="dataset directory (see qformer/datasets.py for layouts)")
     r.add_argument("--split", default="test")
-    r.add_argument("--model", default="blip2-tiny-init")
+    r.add_argument("--model", default=DEFAULT_MODEL)
     r.add_argument("--device", default="auto", help="cpu | cuda | auto")
     r.add_argument("--k-test", type=int, default=128, help="ITM re-ranks the top k by ITC (0: ITC only)")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")

@@ -132,3 +132,20 @@ def test_config_round_trip():
     assert QFormerConfig.from_dict(SMALL.to_dict()) == SMALL
     with pytest.raises(ValueError, match="unknown"):
         QFormerConfig.from_dict({**SMALL.to_dict(), "nope": 1})
+
+
+def test_compact_checkpoint_is_smaller_and_scores_alike(small_model_dir, tmp_path):
+    """save_pretrained(compact=True): int8 matrices + fp16, under a third of the fp32 size, same rankings."""
+    from qformer.factory import create_model
+
+    model = create_model(small_model_dir)
+    compact = create_model(model.save_pretrained(tmp_path / "compact", compact=True))
+    full_size = (small_model_dir / "qformer.safetensors").stat().st_size
+    assert (tmp_path / "compact" / "qformer.safetensors").stat().st_size < full_size / 3
+    torch.manual_seed(1)
+    tokens = torch.randn(6, 49, 1280)
+    texts = ["a dog on the grass", "a red car", "two people walking", "a cat", "a boat at sea", "snow"]
+    with torch.inference_mode():
+        sims = [itc_similarity(m.qformer.encode_image(tokens), m.embed_texts(texts)) for m in (model, compact)]
+    assert (sims[0] - sims[1]).abs().max() < 0.02
+    assert torch.equal(sims[0].argmax(1), sims[1].argmax(1))
