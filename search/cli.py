@@ -167,8 +167,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Start the Streamlit search UI on an index; prints its address, runs until interrupted."""
-    import subprocess
+    """Start the Streamlit search UI on an index; prints its address, then becomes the Streamlit server
+    (exec: signals such as Ctrl-C or SIGTERM reach the server itself, so nothing is left running)."""
+    import os
 
     import ui
     from indexer import Index
@@ -179,12 +180,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"qsearch UI for {args.index}: {url}", flush=True)
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
            "--server.address", args.host, "--server.port", str(args.port), "--server.fileWatcherType", "none",
-           "--browser.gatherUsageStats", "false", "--server.maxUploadSize", "50", "--client.toolbarMode", "minimal", "--", "--index",
-           str(Path(args.index).resolve())]
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+           "--browser.gatherUsageStats", "false", "--server.maxUploadSize", "50", "--client.toolbarMode", "minimal",
+           "--", "--index", str(Path(args.index).resolve())]
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
 
 
 def cmd_train_stage1(args: argparse.Namespace) -> int:

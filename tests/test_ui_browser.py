@@ -86,6 +86,8 @@ def served(tmp_path_factory, small_model_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+    with pytest.raises(OSError):  # stopping `qsearch ui` stops the server: nothing keeps serving
+        urllib.request.urlopen(f"{base}/_stcore/health", timeout=2)
 
 
 @pytest.fixture(scope="module")
