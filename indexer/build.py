@@ -102,40 +102,59 @@ class _Decoded(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        t0 = time.process_time()
-        out: dict[str, Any] = {"i": i, "sha256": None, "error": None, "unchanged": False, "pixels": None}
-        try:
-            self._fill(self.items[i], self.expected[i], out)
-        except Exception as e:  # nothing an input does may stop the run
-            out["error"] = f"unexpected {type(e).__name__}: {e}"
-            out["pixels"] = None
-        out["cpu"] = time.process_time() - t0
-        return out
+        return decode_item(self.items[i], i, self.expected[i], self.transform, self.config, self.draft,
+                           self.want_image)
 
-    def _fill(self, item: Item, expected: str | None, out: dict[str, Any]) -> None:
-        if item.size > self.config.max_file_bytes:
-            out["error"] = f"file too large ({item.size} bytes > max_file_bytes={self.config.max_file_bytes})"
-            return
-        try:
-            data = read_item_bytes(item)
-        except OSError as e:
-            out["error"] = f"cannot read: {e}"
-            return
-        out["sha256"], out["size"] = hashlib.sha256(data).hexdigest(), len(data)
-        if out["sha256"] == expected:
-            out["unchanged"] = True
-            return
-        try:
-            dec = decode_image(data, self.config.max_pixels, self.draft)
-            out["pixels"] = self.transform(dec.image)
-        except BadImage as e:
-            out["error"] = str(e)
-            return
-        out["width"], out["height"], out["format"] = dec.width, dec.height, dec.format
-        if self.want_image:
-            im = dec.image
-            im.thumbnail((self.config.caption_image_side,) * 2)
-            out["image"] = im
+
+def decode_item(item: Item, i: int, expected: str | None, transform: Callable[[Image.Image], Tensor],
+                config: IndexConfig, draft: int | None, want_image: bool = False) -> dict[str, Any]:
+    """Read, hash and decode one item -> dict(i, sha256, size, error | unchanged | pixels [3,S,S], width,
+    height, format, cpu seconds, + image for a captioner). Never raises: a bad input becomes `error`."""
+    t0 = time.process_time()
+    out: dict[str, Any] = {"i": i, "sha256": None, "error": None, "unchanged": False, "pixels": None}
+    try:
+        _fill(item, expected, out, transform, config, draft, want_image)
+    except Exception as e:  # nothing an input does may stop the run
+        out["error"] = f"unexpected {type(e).__name__}: {e}"
+        out["pixels"] = None
+    out["cpu"] = time.process_time() - t0
+    return out
+
+
+def _fill(item: Item, expected: str | None, out: dict[str, Any], transform: Callable[[Image.Image], Tensor],
+          config: IndexConfig, draft: int | None, want_image: bool) -> None:
+    if item.size > config.max_file_bytes:
+        out["error"] = f"file too large ({item.size} bytes > max_file_bytes={config.max_file_bytes})"
+        return
+    try:
+        data = read_item_bytes(item)
+    except OSError as e:
+        out["error"] = f"cannot read: {e}"
+        return
+    out["sha256"], out["size"] = hashlib.sha256(data).hexdigest(), len(data)
+    if out["sha256"] == expected:
+        out["unchanged"] = True
+        return
+    try:
+        dec = decode_image(data, config.max_pixels, draft)
+        out["pixels"] = transform(dec.image)
+    except BadImage as e:
+        out["error"] = str(e)
+        return
+    out["width"], out["height"], out["format"] = dec.width, dec.height, dec.format
+    if want_image:
+        im = dec.image
+        im.thumbnail((config.caption_image_side,) * 2)
+        out["image"] = im
+
+
+def metadata_row(image_id: int, item: Item, r: dict[str, Any]) -> dict[str, Any]:
+    """The metadata row of a newly embedded item (`r`: what `decode_item` found), without shard/row."""
+    caption = item.meta.get("caption")
+    return {"image_id": image_id, "path": item.path, "source": item.source, "sha256": r["sha256"],
+            "size": r["size"], "mtime": item.mtime, "width": r["width"], "height": r["height"],
+            "format": r["format"], "caption": None if caption is None else str(caption),
+            "indexed_at": time.time(), **md.user_columns(item.meta)}
 
 
 def _collate(batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Tensor | None]:
@@ -205,12 +224,7 @@ class _Run:
         self.stats.skipped += len(problems)
 
     def new_row(self, item: Item, r: dict[str, Any]) -> dict[str, Any]:
-        user = md.user_columns(item.meta)
-        caption = item.meta.get("caption")
-        return {"image_id": self.w.new_image_id(), "path": item.path, "source": item.source,
-                "sha256": r["sha256"], "size": r["size"], "mtime": item.mtime, "width": r["width"],
-                "height": r["height"], "format": r["format"], "caption": None if caption is None else str(caption),
-                "indexed_at": time.time(), **user}
+        return metadata_row(self.w.new_image_id(), item, r)
 
     def refresh(self, pos: int, item: Item) -> None:
         """Same content as indexed: refresh mtime / source / user columns if they changed."""

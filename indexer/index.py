@@ -63,7 +63,7 @@ class Index:
                 shards[s["id"]] = {k: np.load(d / f, mmap_mode="r") for k, f in s["files"].items()}
             metadata = pq.read_table(d / m["metadata"])
             skipped = pq.read_table(d / m["skipped"])
-            index = _read_faiss(d / m["faiss"]["file"])
+            index = _read_faiss(d / m["faiss"]["file"], bool(m["faiss"].get("ivfdata")))
         except FileNotFoundError:
             raise
         except (OSError, ValueError, RuntimeError, pa.ArrowException) as e:
@@ -162,11 +162,9 @@ class Index:
         }
 
 
-def _read_faiss(path: Path) -> Any:
-    import faiss
-
+def _read_faiss(path: Path, ondisk: bool) -> Any:
     try:
-        return faiss.read_index(str(path))
+        return vectors.read_index(path, ondisk)
     except RuntimeError:
         if not path.exists():  # collected by a writer meanwhile: let `open` follow CURRENT
             raise FileNotFoundError(str(path)) from None

@@ -6,6 +6,8 @@
       metadata-000007.parquet          one row per image: image_id, path, sha256, ..., user columns
       skipped-000007.parquet           path, reason, ... of every input that was not indexed
       queries-000007.faiss             IndexIDMap2 over the Q query embeddings of every image (id = image_id)
+      queries-000007.ivfdata           indexes built by the Ray engine: an IVF index (ids = image ids) whose
+                                       inverted lists live in this file, memory-mapped (see indexer.distributed)
       features/shard-000003.npy        frozen-encoder tokens [n,N,C], fp16 or int8; written once, never changed
       features/shard-000003.scale.npy  int8 only: symmetric per-token scales [n,N] float32
       embeddings/shard-000003.npy      query embeddings [n,Q,D] float32 (rebuilds FAISS without the model)
@@ -56,6 +58,10 @@ def skipped_file(g: int) -> str:
 
 def faiss_file(g: int) -> str:
     return f"queries-{g:06d}.faiss"
+
+
+def ivfdata_file(g: int) -> str:
+    return f"queries-{g:06d}.ivfdata"
 
 
 def shard_files(s: int, int8: bool) -> dict[str, str]:
@@ -172,6 +178,8 @@ def publish(index_dir: Path, manifest: dict[str, Any]) -> None:
 def referenced_files(manifest: dict[str, Any]) -> set[str]:
     """Relative paths of every file a generation needs."""
     files = {gen_file(manifest["generation"]), manifest["metadata"], manifest["skipped"], manifest["faiss"]["file"]}
+    if manifest["faiss"].get("ivfdata"):
+        files.add(manifest["faiss"]["ivfdata"])
     for s in manifest["shards"]:
         files.update(s["files"].values())
     return files
@@ -183,7 +191,7 @@ def collect_garbage(index_dir: Path, keep: list[dict[str, Any]]) -> int:
     for m in keep:
         live |= referenced_files(m)
     n = 0
-    pattern = re.compile(r"(gen-\d+\.json|metadata-\d+\.parquet|skipped-\d+\.parquet|queries-\d+\.faiss)")
+    pattern = re.compile(r"(gen-\d+\.json|metadata-\d+\.parquet|skipped-\d+\.parquet|queries-\d+\.faiss|queries-\d+\.ivfdata)")
     for p in index_dir.iterdir():
         if pattern.fullmatch(p.name) and p.name not in live:
             p.unlink(missing_ok=True)

@@ -9,7 +9,11 @@ embeddings; the manifest records which factory is in effect. Index types that ca
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,6 +82,83 @@ def build(dim: int, factory: str, image_ids: np.ndarray, embeds: Iterable[np.nda
         add(index, image_ids[start : start + len(c)], c)
         start += len(c)
     return index, used
+
+
+def ondisk_factory(factory: str) -> str:
+    """The factory an on-disk (merged, memory-mapped) index uses for `factory`: exact "Flat" becomes
+    "IVF1,Flat" (one inverted list, so every search is exhaustive and exact); IVF factories stay."""
+    if factory.strip() == EXACT:
+        return "IVF1,Flat"
+    if "IVF" not in factory:
+        raise ValueError(f"an on-disk index needs an IVF factory (e.g. IVF4096,PQ32) or Flat, not {factory!r}")
+    return factory
+
+
+def merge_ondisk(trained: Any, part_files: list[str], ivfdata: Path) -> Any:
+    """Merge populated IVF parts (files) into `trained` (empty), with inverted lists in `ivfdata` on disk.
+    The parts are memory-mapped while merging, so the vectors never all sit in RAM."""
+    from faiss.contrib.ondisk import merge_ondisk as _merge
+
+    with c_stdout_to_stderr():  # faiss printf()s progress on stdout
+        _merge(trained, part_files, str(ivfdata))
+    return trained
+
+
+def fill_part(trained: np.ndarray, embeddings: str, ids: np.ndarray, out: str) -> int:
+    """A copy of the trained, empty index + one part's embeddings [n,Q,D] under their image ids -> file."""
+    import faiss
+
+    index = faiss.deserialize_index(trained)
+    e = np.load(embeddings, mmap_mode="r")
+    add(index, ids, np.asarray(e))
+    from indexer.store import atomic_write
+
+    atomic_write(Path(out), lambda tmp: faiss.write_index(index, tmp))
+    return int(index.ntotal)
+
+
+def train_sample(files: list[Path], rows: list[np.ndarray], limit: int, seed: int = 0) -> np.ndarray:
+    """Up to `limit` query vectors [m,D] drawn evenly from the parts' stored embeddings (memory-mapped)."""
+    total = sum(len(r) for r in rows)
+    if total == 0:
+        return np.zeros((0, 0), np.float32)
+    rng = np.random.default_rng(seed)
+    out = []
+    for f, r in zip(files, rows, strict=True):
+        e = np.load(f, mmap_mode="r")  # [n,Q,D]
+        take = max(1, int(round(limit / e.shape[1] * len(r) / total)))
+        sel = np.sort(rng.choice(len(r), min(take, len(r)), replace=False))
+        out.append(np.asarray(e[sel]).reshape(-1, e.shape[2]))
+    flat = np.concatenate(out)
+    return flat[rng.choice(len(flat), limit, replace=False)] if len(flat) > limit else flat
+
+
+def read_index(path: str | Path, ondisk: bool = False) -> Any:
+    """Read a FAISS index file. `ondisk`: its inverted lists are the `.ivfdata` file beside it, memory-mapped
+    (found in the index file's directory, wherever the index has moved)."""
+    import faiss
+
+    if not ondisk:
+        return faiss.read_index(str(path))
+    with c_stdout_to_stderr():  # faiss printf()s a note about the file name on stdout
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+@contextlib.contextmanager
+def c_stdout_to_stderr() -> Iterator[None]:
+    """Send what C code prints on stdout to stderr meanwhile (keeps `--json` output clean)."""
+    import ctypes
+
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def set_search_params(index: Any, params: str) -> None:

@@ -48,14 +48,15 @@ class IndexWriter:
             return
         m = self.manifest
         try:
-            import faiss
-
             self.table = pq.read_table(self.dir / m["metadata"])
             self.skipped = {r["path"]: r for r in pq.read_table(self.dir / m["skipped"]).to_pylist()}
-            self.index = faiss.read_index(str(self.dir / m["faiss"]["file"]))
+            ondisk = bool(m["faiss"].get("ivfdata"))
+            self.index = vectors.read_index(self.dir / m["faiss"]["file"], ondisk)
         except (OSError, RuntimeError, pa.ArrowException) as e:
             raise IndexCorrupt(f"{self.dir}: generation {m['generation']} is unreadable ({e})") from e
         self.shards = {s["id"]: s for s in m["shards"]}
+        # an on-disk index (Ray engine) is memory-mapped read-only: changes rebuild it in RAM
+        self.force_rebuild = ondisk
 
     # ---- properties of the index being written -----------------------------------------------------------
     @property
@@ -161,6 +162,7 @@ class IndexWriter:
                             self.embeddings(sel["shard"].to_numpy(), sel["row"].to_numpy()))
         if rebuild:
             self.index, fa["effective"] = self._rebuild_index(table)
+            fa.pop("ivfdata", None)
             self.force_rebuild = False
         elif self.index is None:
             fa["effective"] = wanted if vectors.train_threshold(d, wanted) == 0 else vectors.EXACT

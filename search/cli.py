@@ -84,16 +84,27 @@ def cmd_index(args: argparse.Namespace) -> int:
     from indexer import IndexConfig, build_index
     from qformer.factory import create_model
 
-    model = create_model(args.model, _device(args.device))
-    captioner = None
-    if args.captions:
-        from qformer.caption import caption_images
-
-        def captioner(images):
-            return caption_images(model, images)
     cfg = IndexConfig(batch_size=args.batch_size, num_workers=args.workers, feature_dtype=args.feature_dtype,
-                      faiss_factory=args.faiss, prune=not args.keep_deleted)
-    stats = build_index(model, args.sources, args.index, cfg, captioner=captioner, progress=not args.json)
+                      faiss_factory=args.faiss, faiss_params=args.faiss_params, prune=not args.keep_deleted)
+    if args.engine == "ray":
+        from indexer.distributed import build_index_ray
+
+        if args.captions:
+            raise SystemExit("qsearch index: --engine ray does not caption yet; add captions afterwards with "
+                             "the local engine (qsearch index --captions INDEX SOURCES)")
+        gpus = 1.0 if _device(args.device) == "cuda" else 0.0
+        stats = build_index_ray(args.model, args.sources, args.index, cfg, address=args.address,
+                                actors=args.ray_actors, gpus_per_actor=gpus, part_rows=args.part_rows,
+                                progress=not args.json)
+    else:
+        model = create_model(args.model, _device(args.device))
+        captioner = None
+        if args.captions:
+            from qformer.caption import caption_images
+
+            def captioner(images):
+                return caption_images(model, images)
+        stats = build_index(model, args.sources, args.index, cfg, captioner=captioner, progress=not args.json)
     if args.json:
         _print_json(stats.__dict__)
     else:
@@ -258,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--captions", action="store_true", help="caption every image (ITG decoder) into the metadata")
     i.add_argument("--feature-dtype", default="fp16", choices=["fp16", "int8"], help="ITM feature store precision")
     i.add_argument("--faiss", default="Flat", help="FAISS factory string: Flat (exact) or e.g. IVF1024,Flat / HNSW32")
+    i.add_argument("--faiss-params", default="", help="search-time FAISS parameters stored with the index, e.g. nprobe=32")
+    i.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process (incremental, crash-safe); ray: a new index built on a Ray cluster")
+    i.add_argument("--address", default=None, help="Ray cluster address (--engine ray; default: start a local one)")
+    i.add_argument("--ray-actors", type=int, default=1, help="model replicas on the Ray cluster (--engine ray)")
+    i.add_argument("--part-rows", type=int, default=256, help="images per part written by a Ray worker")
     i.add_argument("--batch-size", type=int, default=32)
     i.add_argument("--workers", type=int, default=2, help="image decoding processes")
     i.add_argument("--keep-deleted", action="store_true", help="keep images whose files are gone")
