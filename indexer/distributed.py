@@ -297,6 +297,7 @@ def _publish(index_dir: Path, staging: Path, items: list[Item], problems: list[t
                     "shards": len(shards), "feature_rows": sum(s["rows"] for s in shards)},
          "last_run": summary}
     store.publish(index_dir, m)  # <- the commit point
+    store.collect_garbage(index_dir, [m])  # files an earlier, killed run left behind
     return m
 
 
