@@ -3,7 +3,9 @@
 Text → image follows the paper's retrieval score:
 1. ITC: the text embedding against every image's Q query embeddings, max over queries. FAISS holds the
    Q vectors of each image under its image id; we over-fetch vectors and keep the first (best) hit of each
-   image, which is exactly that image's max-over-queries score.
+   image, which is exactly that image's max-over-queries score. When FAISS scores are approximate
+   (compressed codes such as IVF-PQ / OPQ), it proposes the best `rescore` candidate images (default 512),
+   which are re-scored exactly from the stored embeddings before the top ones are kept.
 2. ITM re-ranks the top `rerank` images (the paper's k_test = 128; 0 turns re-ranking off).
 3. Final score = ITM match logit + ITC cosine.
 
@@ -30,6 +32,7 @@ from qformer.factory import Blip2Retriever, create_model
 BASE_COLUMNS = ("image_id", "path", "source", "sha256", "size", "mtime", "width", "height", "format",
                 "caption", "indexed_at", "shard", "row")
 FUSION_DEPTH = 128  # hybrid search fuses the dense and BM25 rankings down to this depth
+DEFAULT_RESCORE = 512  # approximate FAISS stage: candidate images re-scored exactly (scripts/bench_compression.py)
 MAX_QUERY_CHARS = 2000  # longer text is refused: the tokenizer would keep only ~35 tokens anyway
 
 
@@ -66,8 +69,16 @@ class CaptionHit:
 class Searcher:
     """An open index plus the model it was built with."""
 
-    def __init__(self, index_dir: str | Path, model: Blip2Retriever | None = None, device: str = "cpu"):
+    def __init__(self, index_dir: str | Path, model: Blip2Retriever | None = None, device: str = "cpu",
+                 rescore: int = DEFAULT_RESCORE):
+        """rescore: when FAISS scores are approximate (PQ codes), the ITC candidates are the best
+        max(n, rescore) images by approximate score, re-scored exactly from the stored embeddings (0: keep
+        FAISS's scores). Indexes holding full vectors (Flat, IVF-Flat, HNSW-Flat) are never re-scored."""
+        if rescore < 0:
+            raise ValueError("rescore must be >= 0")
         self.index = Index.open(index_dir)
+        self.rescore = rescore
+        self.approximate = not faiss_scores_exact(self.index.faiss_index)
         src = self.index.manifest["model"].get("source") or self.index.manifest["model"]["name"]
         self.model = model if model is not None else create_model(src, device)
         self.index.check_model(self.model)
@@ -108,8 +119,12 @@ class Searcher:
             sims = np.einsum("iqd,d->iq", self.index.embeddings(allowed), t.numpy()).max(1)
             order = np.argsort(-sims, kind="stable")[:n]
             return allowed[order], sims[order]
-        return faiss_top_images(self.index.search_index(), t.numpy()[None], n, len(self.index),
-                                self.index.manifest["num_queries"])
+        args = (self.index.search_index(), t.numpy()[None])
+        size = (len(self.index), self.index.manifest["num_queries"])
+        if not self.approximate or self.rescore == 0:
+            return faiss_top_images(*args, n, *size)
+        ids, _ = faiss_top_images(*args, max(n, self.rescore), *size)  # approximate: over-fetch, re-score
+        return rescore_top_images(self.index.embeddings(ids), ids, t.numpy(), n)
 
     def _itm(self, image_ids: np.ndarray, text: str, batch: int = 128) -> np.ndarray:
         """ITM match logits of the text against these images."""
@@ -293,9 +308,32 @@ def _top(ids: np.ndarray, base: np.ndarray, n: int, *cols: np.ndarray | None):
     return (ids[order], *(None if c is None else c[order] for c in cols), base[order])
 
 
+def faiss_scores_exact(index: Any) -> bool:
+    """Whether FAISS scores the vectors it returns exactly, i.e. holds them in full: Flat, IVF-Flat (any
+    nprobe: what it misses, re-scoring cannot find) or HNSW-Flat. PQ/SQ codes and transforms are lossy."""
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, faiss.IndexIDMap | faiss.IndexIDMap2):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    return isinstance(inner, faiss.IndexFlat | faiss.IndexIVFFlat)
+
+
+def rescore_top_images(embeds: np.ndarray, ids: np.ndarray, t: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ITC of candidate images: embeddings [k,Q,D] of `ids` [k] against a text embedding [D], max
+    over queries -> the top n (image ids, cosines), best first."""
+    sims = np.einsum("iqd,d->iq", embeds, t).max(1) if len(ids) else np.empty(0, np.float32)
+    order = np.argsort(-sims, kind="stable")[:n]
+    return ids[order], sims[order]
+
+
 def faiss_top_images(index: Any, queries: np.ndarray, n: int, num_images: int, q: int) -> tuple[np.ndarray, np.ndarray]:
     """Top n images for one query vector [1,D] over an index holding q vectors per image (id = image id):
-    over-fetch vectors until n distinct images are found; each image's first hit is its max score."""
+    over-fetch vectors until n distinct images are found; each image's first hit is its max score.
+    With an approximate index the scores are FAISS's; fewer than n come back when fewer are reachable
+    (an IVF index probing some lists)."""
     n = min(n, num_images)
     fetch = min(max(4 * n, 64), index.ntotal)
     while True:
@@ -304,7 +342,7 @@ def faiss_top_images(index: Any, queries: np.ndarray, n: int, num_images: int, q
         keep = labels >= 0
         labels, scores = labels[keep], scores[keep]
         _, first = np.unique(labels, return_index=True)
-        if len(first) >= n or fetch >= index.ntotal:
+        if len(first) >= n or fetch >= index.ntotal or not keep.all():  # -1 labels: all reachable returned
             first = np.sort(first)[:n]  # in score order
             return labels[first].astype(np.int64), scores[first]
         fetch = min(fetch * 4, index.ntotal)
