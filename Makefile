@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 F8K    ?= ../shared/data/flickr8k
 
-.PHONY: setup browser demo test lint ui bench-qformer bench-flickr8k bench-ui bench-compression clean
+.PHONY: setup browser demo test lint ui bench-qformer bench-flickr8k bench-ui bench-compression bench-million clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ bench-flickr8k: setup  ## recall@K on Flickr8k dev with the default model
 
 bench-ui: setup        ## UI search latency (re-ranked, thumbnails included) on a 10,000-image index
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_ui.py --out out/bench_ui.json
+
+bench-million: setup  ## 1,000,000 images (Flickr8k dev + synthetic) on one machine: build, ANN + ITM latency, recall
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_million.py --root $(F8K)
 
 bench-compression: setup  ## IVF-PQ first stage (<= 2 KB/image) + exact re-scoring vs the exact index, Flickr8k dev
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_compression.py --root $(F8K) $(if $(INDEX),--index $(INDEX)) \

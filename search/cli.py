@@ -116,7 +116,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Search an index by text, image, or both."""
     from search.engine import Searcher
 
-    searcher = Searcher(args.index, device=_device(args.device))
+    searcher = Searcher(args.index, device=_device(args.device), rescore=args.rescore)
     if args.captions_of:
         hits = [h.__dict__ for h in searcher.search_captions(args.captions_of, k=args.k)]
         if args.json:
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10, help="results to return")
     s.add_argument("--offset", type=int, default=0, help="skip this many results (paging)")
     s.add_argument("--rerank", type=int, default=128, help="ITM re-ranks this many ITC candidates (0: off)")
+    s.add_argument("--rescore", type=int, default=512,
+                   help="compressed (PQ) indexes: candidate images re-scored exactly from the stored embeddings")
     s.add_argument("--where", help="SQL predicate over the metadata, e.g. \"width > ?\"")
     s.add_argument("--param", action="append", default=[], help="a value for a ? in --where (repeatable)")
     s.add_argument("--expand", action="store_true", help="image queries: add the image's generated caption")
