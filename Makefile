@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 F8K    ?= ../shared/data/flickr8k
 
-.PHONY: setup browser demo test lint ui bench-qformer bench-flickr8k bench-ui bench-compression bench-million clean
+.PHONY: setup browser demo test lint ui bench-qformer bench-flickr8k bench-captions bench-quality bench-ui bench-compression bench-million clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,18 @@ bench-qformer: setup   ## our Q-Former vs transformers' on BERT-base / ViT-g siz
 
 bench-flickr8k: setup  ## recall@K on Flickr8k dev with the default model
 	$(BIN)/qsearch bench retrieval --dataset flickr8k --root $(F8K) --split dev --out out/flickr8k_dev.json
+
+bench-captions: setup ## BLEU-4 / CIDEr on Flickr8k dev: the ITG captioner (blip2-tiny) and the LLM captioner (blip2-tiny-llm)
+	HF_HUB_OFFLINE=1 $(BIN)/qsearch bench captions --dataset flickr8k --root $(F8K) --split dev --model blip2-tiny \
+		--out out/captions_itg_dev.json
+	HF_HUB_OFFLINE=1 $(BIN)/qsearch bench captions --dataset flickr8k --root $(F8K) --split dev --model blip2-tiny-llm \
+		--out out/captions_llm_dev.json
+
+bench-quality: setup   ## hybrid text search, image-query caption expansion, int8 vs fp16 ITM features (Flickr8k dev)
+	test -f out/captions_itg_dev.json || HF_HUB_OFFLINE=1 $(BIN)/qsearch bench captions --dataset flickr8k \
+		--root $(F8K) --split dev --model blip2-tiny --out out/captions_itg_dev.json
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_search_quality.py --root $(F8K) --captions out/captions_itg_dev.json \
+		--out out/search_quality.json
 
 bench-ui: setup        ## UI search latency (re-ranked, thumbnails included) on a 10,000-image index
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_ui.py --out out/bench_ui.json

@@ -304,13 +304,13 @@ class Blip2LLM(nn.Module):
         """Only the trained weights: "qformer.*" (query path) and "llm_proj.*"."""
         return {k: v for k, v in self.trainable().state_dict().items()}
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, compact: bool = False) -> Path:
         """Write stage2.json + stage2.safetensors (+ encoder.safetensors for an encoder its spec cannot
-        rebuild). The LLM is recorded by its spec only."""
+        rebuild). The LLM is recorded by its spec only. compact: int8 matrices + fp16 (for releases)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()},
-                  str(d / STAGE2_WEIGHTS))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        save_file(ckpt.compact_state_dict(state) if compact else state, str(d / STAGE2_WEIGHTS))
         enc_spec, enc_weights = None, False
         if self.encoder is not None:
             enc_spec = self.encoder.spec()
@@ -322,7 +322,8 @@ class Blip2LLM(nn.Module):
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "name": self.name, "qformer": self.qformer.config.to_dict(),
                 "llm": self.llm_spec, "llm_width": self.llm_width, "is_encoder_decoder": self.is_encoder_decoder,
                 "eos_token_id": self.eos_token_id, "max_text_length": self.max_text_length, "prompt": self.prompt,
-                "encoder": enc_spec, "encoder_weights": enc_weights, "stage1": self.stage1}
+                "encoder": enc_spec, "encoder_weights": enc_weights, "stage1": self.stage1,
+                "weights": "int8-rows+fp16" if compact else "fp32"}
         (d / STAGE2_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         return d
 
@@ -347,7 +348,7 @@ class Blip2LLM(nn.Module):
         model = cls(QFormer(config), llm_model, tokenizer, meta["llm"], encoder, meta.get("stage1", ""),
                     meta["eos_token_id"], meta["max_text_length"], meta.get("prompt", DEFAULT_PROMPT),
                     meta.get("name") or d.name)
-        state = ckpt.read_state_dict(d / STAGE2_WEIGHTS)
+        state = ckpt.expand_state_dict(ckpt.read_state_dict(d / STAGE2_WEIGHTS))
         missing, unexpected = model.trainable().load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ckpt.CheckpointError(f"{d}: weights do not fit (missing {missing[:5]}, unexpected {unexpected[:5]})")

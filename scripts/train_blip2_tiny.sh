@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce the offline default model `blip2-tiny` (qformer/weights/blip2-tiny/MODEL_CARD.md):
-# BLIP-2 stage 1 (ITC + ITM + ITG) of blip2-tiny-init on Flickr8k train, on CPU; export int8+fp16; dev recall.
+# Reproduce the offline models `blip2-tiny` and `blip2-tiny-llm` (qformer/weights/blip2-tiny/MODEL_CARD.md):
+# BLIP-2 stage 1 (ITC + ITM + ITG) of blip2-tiny-init on Flickr8k train, on CPU; export int8+fp16; dev recall;
+# then stage 2 (blip2-tiny's query path -> frozen SmolLM2-135M) on the same pairs; export; dev BLEU-4 / CIDEr.
 #   bash scripts/train_blip2_tiny.sh            (re-running resumes from the newest checkpoint)
 set -euo pipefail
 F8K=${F8K:-../shared/data/flickr8k}
@@ -19,3 +20,18 @@ print("wrote", model.save_pretrained(WEIGHTS_DIR / "blip2-tiny", compact=True))
 PY
 "$BIN/qsearch" bench retrieval --dataset flickr8k --root "$F8K" --split dev --model blip2-tiny --k-test 8 \
   --out out/blip2-tiny-dev.json
+"$BIN/qsearch" train stage2 --data-root "$F8K" --split train --model blip2-tiny --llm smollm2 \
+  --batch-size 32 --max-steps 200 --warmup-steps 20 --lr 1e-4 --min-lr 1e-5 --seed 0 \
+  --checkpoint-every 25 --log-every 5 --out-dir "$RUN/stage2" --cache-dir "$RUN/features" --no-progress --resume
+"$BIN/python" - "$RUN/stage2/checkpoints/step_0000200" <<'PY'
+import sys
+from qformer.factory import WEIGHTS_DIR
+from qformer.stage2 import Blip2LLM
+model = Blip2LLM.from_pretrained(sys.argv[1])
+model.name = "blip2-tiny-llm"
+print("wrote", model.save_pretrained(WEIGHTS_DIR / "blip2-tiny-llm", compact=True))
+PY
+for kind_model in itg:blip2-tiny llm:blip2-tiny-llm; do
+  "$BIN/qsearch" bench captions --dataset flickr8k --root "$F8K" --split dev --model "${kind_model#*:}" --quiet \
+    --out "out/captions_${kind_model%%:*}_dev.json"
+done

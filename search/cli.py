@@ -47,11 +47,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    """Caption image files with the Q-Former's ITG decoder (beam search)."""
+    """Caption image files: the Q-Former's ITG decoder, or the frozen LLM of a stage-2 model."""
     from PIL import Image, ImageOps
 
-    from qformer.caption import caption_images
-    from qformer.factory import create_model
+    from qformer.captioner import load_captioner
 
     images, names, failed = [], [], []
     for path in args.images:
@@ -64,9 +63,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
             print(f"qsearch: skipping {path}: cannot read image ({e})", file=sys.stderr)
     captions = []
     if images:
-        model = create_model(args.model, _device(args.device))
-        captions = caption_images(model, images, batch_size=args.batch_size, num_beams=args.beams,
-                                  max_length=args.max_length, min_length=args.min_length)
+        captioner = load_captioner(args.model, _device(args.device), num_beams=args.beams,
+                                   max_length=args.max_length, min_length=args.min_length, prompt=args.prompt)
+        captions = captioner.caption_images(images, batch_size=args.batch_size)
     if args.json:
         print(json.dumps([{"path": n, "caption": c} for n, c in zip(names, captions, strict=True)], indent=2))
     else:
@@ -89,7 +88,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from indexer.distributed import build_index_ray
 
-        if args.captions:
+        if args.captions or args.caption_model:
             raise SystemExit("qsearch index: --engine ray does not caption yet; add captions afterwards with "
                              "the local engine (qsearch index --captions INDEX SOURCES)")
         gpus = 1.0 if _device(args.device) == "cuda" else 0.0
@@ -99,7 +98,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     else:
         model = create_model(args.model, _device(args.device))
         captioner = None
-        if args.captions:
+        if args.caption_model:  # another captioner, e.g. the LLM one of a stage-2 model (blip2-tiny-llm)
+            from qformer.captioner import load_captioner
+
+            captioner = load_captioner(args.caption_model, _device(args.device)).caption_images
+        elif args.captions:  # the index model's own ITG decoder
             from qformer.caption import caption_images
 
             def captioner(images):
@@ -249,6 +252,35 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_captions(args: argparse.Namespace) -> int:
+    """BLEU-4 and CIDEr of a captioner on a captioned image set."""
+    from qformer.captioner import evaluate_captioner, load_captioner
+    from qformer.datasets import load_retrieval_set
+
+    data = load_retrieval_set(args.dataset, Path(args.root), args.split)
+    if args.max_images:
+        data = data.head(args.max_images)
+    captioner = load_captioner(args.model, _device(args.device), num_beams=args.beams, max_length=args.max_length,
+                               min_length=args.min_length, prompt=args.prompt)
+    res = evaluate_captioner(captioner, data, batch_size=args.batch_size, num_workers=args.workers,
+                             progress=not args.quiet)
+    print(f"{args.dataset} {args.split}: {res['n_images']} images, {captioner.kind} captioner of {captioner.name} "
+          f"{captioner.settings}: BLEU-4 {res['bleu4']:.2f}  CIDEr {res['cider']:.2f}  ({res['seconds']} s)")
+    if args.out:
+        out = {"dataset": args.dataset, "split": args.split, "root": str(args.root), **res}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _caption_settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beams", type=int, default=None, help="beam width (default: ITG 3, LLM 5)")
+    p.add_argument("--max-length", type=int, default=None, help="most tokens (default 30)")
+    p.add_argument("--min-length", type=int, default=None, help="fewest tokens (default: ITG 10, LLM 8)")
+    p.add_argument("--prompt", default=None, help='LLM captioner only: the text prompt (default "a photo of")')
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qsearch", description="Image-text search on the BLIP-2 Q-Former.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -267,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default=DEFAULT_MODEL)
     i.add_argument("--device", default="auto")
     i.add_argument("--captions", action="store_true", help="caption every image (ITG decoder) into the metadata")
+    i.add_argument("--caption-model", metavar="MODEL",
+                   help="caption with this model instead (implies --captions): a stage-1 model's ITG decoder, or "
+                        "the LLM captioner of a stage-2 model such as blip2-tiny-llm")
     i.add_argument("--feature-dtype", default="fp16", choices=["fp16", "int8"], help="ITM feature store precision")
     i.add_argument("--faiss", default="Flat", help="FAISS factory string: Flat (exact) or e.g. IVF1024,Flat / HNSW32")
     i.add_argument("--faiss-params", default="", help="search-time FAISS parameters stored with the index, e.g. nprobe=32")
@@ -311,13 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--json", action="store_true")
     rm.set_defaults(func=cmd_remove)
 
-    c = sub.add_parser("caption", help="caption images with the Q-Former's ITG decoder")
+    c = sub.add_parser("caption", help="caption images: ITG decoder (stage-1 model) or frozen LLM (stage-2 model)")
     c.add_argument("images", nargs="+", help="image files")
-    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a stage-1 model (ITG captioner) or a stage-2 checkpoint / blip2-tiny-llm (LLM captioner)")
     c.add_argument("--device", default="auto")
-    c.add_argument("--beams", type=int, default=3)
-    c.add_argument("--max-length", type=int, default=30)
-    c.add_argument("--min-length", type=int, default=10)
+    _caption_settings(c)
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_caption)
@@ -355,6 +389,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="write the results as JSON here")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_bench_retrieval)
+    bc = bsub.add_parser("captions", help="BLEU-4 and CIDEr of a captioner (ITG or LLM) on a captioned split")
+    bc.add_argument("--dataset", required=True, help="flickr8k | coco | flickr30k | karpathy-<name> | lavis")
+    bc.add_argument("--root", required=True, help="dataset directory")
+    bc.add_argument("--split", default="test")
+    bc.add_argument("--model", default=DEFAULT_MODEL, help="stage-1 model (ITG) or stage-2 model (LLM)")
+    bc.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    _caption_settings(bc)
+    bc.add_argument("--batch-size", type=int, default=16, help="images per captioning batch")
+    bc.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    bc.add_argument("--max-images", type=int, default=0, help="only the first N images (quick runs)")
+    bc.add_argument("--out", help="write the scores and every caption as JSON here")
+    bc.add_argument("--quiet", action="store_true", help="no progress bars")
+    bc.set_defaults(func=cmd_bench_captions)
     return p
 
 

@@ -409,3 +409,59 @@ def test_smollm2_stage2_step_on_flickr8k(smollm2):
     assert {k: v.double().sum().item() for k, v in model.llm.state_dict().items()} == before
     caps = generate_llm_captions(model, tokens, num_beams=1, max_length=4, min_length=2)
     assert len(caps) == 2 and all(isinstance(c, str) and c for c in caps)
+
+
+# ---- the captioner CLI: `qsearch caption` and `qsearch bench captions` with either captioner -----------------
+def test_caption_and_bench_captions_cli_with_both_captioners(tmp_path, stage1_dir, small_model_dir, capsys):
+    from search.cli import main
+
+    lavis_tiny = FIXTURE_IMAGES.parent
+    llm_dir = _tiny_llm_dir(tmp_path, "llama")
+    llm, tok = load_llm(str(llm_dir))
+    model = Blip2LLM.from_stage1(str(stage1_dir), str(llm_dir), llm=(llm, tok))
+    _fit(model, torch.randn(2, 49, 1280), CAPTIONS[:2], steps=2)
+    model.eval()
+    full = model.save_pretrained(tmp_path / "stage2-fp32")
+    compact = model.save_pretrained(tmp_path / "stage2-compact", compact=True)
+    assert (compact / STAGE2_WEIGHTS).stat().st_size < 0.6 * (full / STAGE2_WEIGHTS).stat().st_size
+    a, b = Blip2LLM.from_pretrained(full).trainable_state_dict(), Blip2LLM.from_pretrained(compact).trainable_state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-2 * a[k].abs().max() + 1e-3) for k in a)
+
+    image = str(FIXTURE_IMAGES / "red.png")
+    kw = ["--max-length", "5", "--min-length", "2", "--device", "cpu"]
+    assert main(["caption", image, "--model", str(compact), "--json", "--beams", "2", *kw]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in out] == [image]
+    direct = caption_images_llm(Blip2LLM.from_pretrained(compact), [PIL.Image.open(image).convert("RGB")],
+                                num_beams=2, max_length=5, min_length=2)
+    assert out[0]["caption"] == direct[0]
+    assert main(["caption", image, "--model", str(small_model_dir), "--prompt", "a photo of", *kw]) == 2  # ITG: no prompt
+    capsys.readouterr()
+
+    # the collection captioned at index time by the LLM captioner (the index itself uses the stage-1 model)
+    from indexer import Index
+    from qformer.captioner import load_captioner
+
+    assert main(["index", str(tmp_path / "idx"), str(FIXTURE_IMAGES), "--model", str(small_model_dir),
+                 "--caption-model", str(compact), "--workers", "0", "--device", "cpu", "--json"]) == 0
+    capsys.readouterr()
+    rows = Index.open(tmp_path / "idx").rows(list(range(6))).to_pylist()
+    llm_cap = load_captioner(compact, "cpu")
+    assert llm_cap.kind == "llm" and llm_cap.settings["num_beams"] == 5 and llm_cap.settings["prompt"] == "a photo of"
+    for r in rows[:2]:
+        assert r["caption"] == llm_cap.caption_images([PIL.Image.open(r["path"]).convert("RGB")])[0]
+
+    for m, kind in ((compact, "llm"), (small_model_dir, "itg")):
+        res_path = tmp_path / f"{kind}.json"
+        rc = main(["bench", "captions", "--dataset", "lavis", "--root", str(lavis_tiny), "--split", "test",
+                   "--model", str(m), "--workers", "0", "--quiet", "--out", str(res_path), *kw])
+        assert rc == 0
+        res = json.loads(res_path.read_text())
+        assert res["captioner"] == kind and res["n_images"] == len(res["captions"]) == 6
+        assert res["settings"]["max_length"] == 5 and res["settings"]["min_length"] == 2
+        refs = {r["image"]: r["caption"] for r in json.loads((lavis_tiny / "test.json").read_text())}
+        preds = {Path(c["path"]).name: c["caption"] for c in res["captions"]}
+        again = caption_metrics(preds, {Path(k).name: v for k, v in refs.items()})
+        assert res["bleu4"] == pytest.approx(100 * again["bleu4"], abs=0.01)
+        assert res["cider"] == pytest.approx(100 * again["cider"], abs=0.01)
+        assert f"{kind} captioner" in capsys.readouterr().out
