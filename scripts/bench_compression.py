@@ -208,18 +208,37 @@ class Itm:
         self.seconds += time.perf_counter() - t
         return np.array([self.logits[(c, int(j))] for j in js], np.float32)
 
-    def wins(self, c: int, pool: np.ndarray, itc: np.ndarray, g: int, batch: int = 16) -> bool:
+    def prefetch(self, pairs: list[tuple[int, int]], batch: int = 64) -> None:
+        """Logits of many (caption, image) pairs, batched across captions (texts padded, padding masked)."""
+        import torch
+
+        todo = list(dict.fromkeys(p for p in pairs if p not in self.logits))
+        t = time.perf_counter()
+        q = self.model.qformer
+        for s in range(0, len(todo), batch):
+            part = todo[s : s + batch]
+            ids, mask = self.model.tokenize([self.texts[c] for c, _ in part])
+            with torch.inference_mode():
+                kv = q.image_kv(self.index.features(self.image_ids[[j for _, j in part]]))
+                out = q.itm_match_logit(kv, ids, mask).float().numpy()
+            self.logits.update(zip(part, out.tolist(), strict=True))
+        self.seconds += time.perf_counter() - t
+
+    def wins(self, c: int, pool: np.ndarray, itc: np.ndarray, g: int) -> bool:
         """Whether image g has the best ITM + ITC of the pool (itc: the caption's ITC row). ITM runs in
-        batches, highest ITC first, and stops at the first image that beats g."""
+        growing batches, highest ITC first, and stops at the first image that beats g."""
         if not pool[g]:
             return False
         f_g = self(c, np.array([g]))[0] + itc[g]
         rest = np.nonzero(pool)[0]
-        rest = rest[rest != g][np.argsort(-itc[rest[rest != g]], kind="stable")]
-        for s in range(0, len(rest), batch):
+        rest = rest[rest != g]
+        rest = rest[np.argsort(-itc[rest], kind="stable")]
+        s, batch = 0, 4
+        while s < len(rest):
             js = rest[s : s + batch]
             if np.any(self(c, js) + itc[js] > f_g):
                 return False
+            s, batch = s + batch, batch * 2
         return True
 
 
@@ -231,7 +250,10 @@ def itm_r1_change(itm: Itm, exact: np.ndarray, pool_e: np.ndarray, pool_c: np.nd
     g wins it). Gain likewise."""
     pairs0 = len(itm.logits)
     lost = gained = 0
-    for c in np.nonzero(pool_e[np.arange(len(gt)), gt] | pool_c[np.arange(len(gt)), gt])[0]:
+    live = np.nonzero(pool_e[np.arange(len(gt)), gt] | pool_c[np.arange(len(gt)), gt])[0]
+    both = [c for c in live if pool_e[c, gt[c]] and pool_c[c, gt[c]]]
+    itm.prefetch([(int(c), int(j)) for c in both for j in [gt[c], *np.nonzero(pool_e[c] ^ pool_c[c])[0]]])
+    for c in live:
         g, e, p = int(gt[c]), pool_e[c], pool_c[c]
         if e[g] and p[g]:
             f_g = itm(c, np.array([g]))[0] + exact[c, g]
@@ -256,6 +278,7 @@ def itm_pairs_needed(pool_e: np.ndarray, pool_c: np.ndarray, gt: np.ndarray) -> 
 
 def sample_itm_r1(itm: Itm, sample: np.ndarray, itc: np.ndarray, pool: np.ndarray, gt: np.ndarray) -> float:
     """ITC+ITM R@1 (%) over the sampled captions: does the caption's image win its pool (ITM + `itc`)?"""
+    itm.prefetch([(int(c), int(gt[c])) for c in sample if pool[c, gt[c]]])
     return round(100.0 * float(np.mean([itm.wins(c, pool[c], itc[c], int(gt[c])) for c in sample])), 2)
 
 
@@ -315,7 +338,7 @@ def main() -> None:
     ap.add_argument("--itm-rescore", type=int, nargs="*", default=[256, 512],
                     help="exact ITC+ITM R@1 loss of every config at these R (none: skip)")
     ap.add_argument("--itm-sample", type=int, default=1000, help="random captions for ITC+ITM R@1 itself (0: none)")
-    ap.add_argument("--itm-budget", type=int, default=20_000,
+    ap.add_argument("--itm-budget", type=int, default=8000,
                     help="ITM pairs a config's exact loss may need; beyond, its loss is measured on the sample")
     ap.add_argument("--store-config", default="IVF{nlist},PQ32np@512",
                     help="main-grid config (factory@R) whose candidates the fp16 / int8 re-scoring stores use")
