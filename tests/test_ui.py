@@ -237,3 +237,23 @@ def test_core_reads_images_only_through_index_ids(index_dir, collection):
     jpeg = core.thumbnail_bytes(index, 0)
     with Image.open(io.BytesIO(jpeg)) as im:
         assert im.format == "JPEG" and max(im.size) <= core.THUMBNAIL_SIZE
+
+
+def test_thumbnail_of_a_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    from skimage import data as samples
+
+    big = Image.fromarray(samples.astronaut()).resize((2400, 2400), Image.Resampling.BICUBIC)
+    big.save(tmp_path / "big.jpg", quality=92)
+
+    class OneImage:  # what thumbnail_bytes needs of an index: the stored path of an id
+        def paths(self, ids):
+            return [str(tmp_path / "big.jpg") for _ in ids]
+
+    with Image.open(io.BytesIO(core.thumbnail_bytes(OneImage(), 0))) as im:
+        thumb = im.convert("RGB")
+    assert thumb.size == (core.THUMBNAIL_SIZE, core.THUMBNAIL_SIZE)
+    assert core.read_indexed_image(OneImage(), 0, draft_size=core.THUMBNAIL_SIZE).size == (600, 600)  # 1/4 scale
+    full = big.copy()
+    full.thumbnail((core.THUMBNAIL_SIZE,) * 2, Image.Resampling.BICUBIC)
+    diff = sum(abs(a - b) for a, b in zip(thumb.tobytes(), full.tobytes(), strict=True)) / len(full.tobytes())
+    assert diff < 6  # the same picture, within JPEG and resampling noise (mean abs difference per channel)
