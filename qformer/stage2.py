@@ -435,9 +435,10 @@ def generate_llm_token_ids(model: Blip2LLM, image_tokens: Tensor, prompt: str = 
 def generate_llm_captions(model: Blip2LLM, image_tokens: Tensor, prompt: str = DEFAULT_PROMPT, num_beams: int = 5,
                           max_length: int = 30, min_length: int = 8, batch_size: int = 16, **kw: Any) -> list[str]:
     """Image tokens [B,N,C] -> B captions (BLIP-2 COCO captioning defaults: prompt "a photo of", beam 5,
-    max 30, min 8 LLM tokens). The continuation after the prompt, special tokens and whitespace stripped."""
+    max 30, min 8 LLM tokens). The continuation after the prompt: special tokens dropped, whitespace runs (newlines
+    included) collapsed to one space, so a caption is one line."""
     ids = generate_llm_token_ids(model, image_tokens, prompt, num_beams, max_length, min_length, batch_size, **kw)
-    return [t.strip() for t in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return [" ".join(t.split()) for t in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def caption_images_llm(model: Blip2LLM, images: list[PIL.Image.Image], batch_size: int = 16, **kw: Any) -> list[str]:
