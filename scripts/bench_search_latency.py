@@ -8,6 +8,8 @@ re-ranking depth: p50/p95 of the whole call, and of its stages measured separate
     cp -al out/bench_ui/index out/bench_ui/index_pq
     qsearch index out/bench_ui/index_pq out/bench_ui/manifest.csv --faiss IVF256,PQ32 --faiss-params nprobe=32
     python scripts/bench_search_latency.py --index out/bench_ui/index out/bench_ui/index_pq --rescore 128
+    # what the first stage costs in recall: every dev caption through each index, ITC only
+    python scripts/bench_search_latency.py --index out/bench_ui/index out/bench_ui/index_pq --queries 0 --recall
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from qformer.config import DEFAULT_MODEL
 from qformer.datasets import load_retrieval_set
 from qformer.factory import create_model
 from search.engine import Searcher
+from search.evaluate import engine_text_to_image_recall
 
 
 def ms(xs: list[float]) -> dict[str, float]:
@@ -42,11 +45,16 @@ def main() -> None:
     ap.add_argument("--rerank", type=int, nargs="+", default=[0, 128])
     ap.add_argument("--rescore", type=int, default=128, help="exact re-scoring depth for approximate indexes")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--recall", action="store_true",
+                    help="also text -> image R@1/5/10 of every dev caption through each index (ITC only)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    texts = load_retrieval_set("flickr8k", Path(args.root), "dev").texts[:: 5][: args.queries + 1]
+    if args.queries == 0:  # recall only
+        args.rerank = [0]
+    data = load_retrieval_set("flickr8k", Path(args.root), "dev")
+    texts = data.texts[:: 5][: args.queries + 1]
     model = create_model(args.model)
     res: dict = {"queries": args.queries, "k": 10, "threads": torch.get_num_threads(), "rescore": args.rescore,
                  "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
@@ -69,13 +77,17 @@ def main() -> None:
             for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 stages[name].append(dt)
         row["stages"] = {k: ms(v) for k, v in stages.items() if any(v)}
-        for rerank in args.rerank:
+        for rerank in args.rerank if args.queries else ():
             lat = []
             for text in texts[: args.queries]:
                 t0 = time.perf_counter()
                 s.search(text, k=10, rerank=rerank)
                 lat.append(time.perf_counter() - t0)
             row[f"search_rerank_{rerank}"] = ms(lat)
+        if args.recall:
+            t0 = time.perf_counter()
+            row["dev_recall_itc"] = engine_text_to_image_recall(s, data, rerank=0, progress=False)
+            row["dev_recall_seconds"] = round(time.perf_counter() - t0, 1)
         res["indexes"][path] = row
         print(json.dumps({path: row}, indent=2), flush=True)
     if args.out:
