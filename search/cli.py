@@ -274,6 +274,21 @@ def cmd_bench_captions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--dataset", required=True, help="flickr8k | coco | flickr30k | karpathy-<name> | lavis")
+    p.add_argument("--root", required=True, help="dataset directory (see qformer/datasets.py for layouts)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+
+
+def _run_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    p.add_argument("--max-images", type=int, default=0, help="only the first N images (quick runs)")
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _caption_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beams", type=int, default=None, help="beam width (default: ITG 3, LLM 5)")
     p.add_argument("--max-length", type=int, default=None, help="most tokens (default 30)")
@@ -376,31 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     r = bsub.add_parser("retrieval", help="recall@K with ITC and ITC+ITM re-ranking (the paper's protocol)")
-    r.add_argument("--dataset", required=True, help="flickr8k | coco | flickr30k | karpathy-<name> | lavis")
-    r.add_argument("--root", required=True, help="dataset directory (see qformer/datasets.py for layouts)")
-    r.add_argument("--split", default="test")
-    r.add_argument("--model", default=DEFAULT_MODEL)
-    r.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    _dataset_arguments(r, model_help="model name, checkpoint directory/file or hub id")
     r.add_argument("--k-test", type=int, default=128, help="ITM re-ranks the top k by ITC (0: ITC only)")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
     r.add_argument("--itm-batch-size", type=int, default=128, help="pairs per ITM batch")
-    r.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
-    r.add_argument("--max-images", type=int, default=0, help="only the first N images (quick runs)")
-    r.add_argument("--out", help="write the results as JSON here")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _run_arguments(r, out_help="write the results as JSON here")
     r.set_defaults(func=cmd_bench_retrieval)
     bc = bsub.add_parser("captions", help="BLEU-4 and CIDEr of a captioner (ITG or LLM) on a captioned split")
-    bc.add_argument("--dataset", required=True, help="flickr8k | coco | flickr30k | karpathy-<name> | lavis")
-    bc.add_argument("--root", required=True, help="dataset directory")
-    bc.add_argument("--split", default="test")
-    bc.add_argument("--model", default=DEFAULT_MODEL, help="stage-1 model (ITG) or stage-2 model (LLM)")
-    bc.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    _dataset_arguments(bc, model_help="stage-1 model (ITG) or stage-2 model (LLM)")
     _caption_settings(bc)
     bc.add_argument("--batch-size", type=int, default=16, help="images per captioning batch")
-    bc.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
-    bc.add_argument("--max-images", type=int, default=0, help="only the first N images (quick runs)")
-    bc.add_argument("--out", help="write the scores and every caption as JSON here")
-    bc.add_argument("--quiet", action="store_true", help="no progress bars")
+    _run_arguments(bc, out_help="write the scores and every caption as JSON here")
     bc.set_defaults(func=cmd_bench_captions)
     return p
 
