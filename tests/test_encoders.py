@@ -89,6 +89,24 @@ def test_efficientnet_lite_recognises_cat(variant: str, num_tokens: int) -> None
     _assert_frozen(encoder)
 
 
+def test_efficientnet_lite_tokens_equal_timm_with_batchnorm() -> None:
+    """The encoder folds BatchNorm into its convolutions and runs NHWC: same tokens as timm's plain model."""
+    import timm
+
+    from qformer.encoders import convert_lukemelas_efficientnet_lite, efficientnet_lite_weights_path
+
+    encoder = EfficientNetLiteEncoder("lite0")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    plain = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    state = torch.load(efficientnet_lite_weights_path("lite0"), map_location="cpu", weights_only=True)
+    plain.load_state_dict(convert_lukemelas_efficientnet_lite(state, [len(s) for s in plain.blocks]))
+    x = _pixels(encoder, batch=2)
+    with torch.no_grad():
+        want = plain.forward_features(x).flatten(2).transpose(1, 2)  # [2, 49, 1280], position = row * 7 + col
+        torch.testing.assert_close(encoder(x), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(encoder.classify(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
 def test_efficientnet_lite_spec_round_trip() -> None:
     encoder = EfficientNetLiteEncoder("lite0")
     spec = json.loads(json.dumps(encoder.spec()))
