@@ -68,7 +68,8 @@ def embed_dataset(
         embeds.append(e)
         tokens.append(t)
     ids, mask = model.tokenize(data.texts)
-    text = [model.qformer.encode_text(ids[i : i + text_batch_size], mask[i : i + text_batch_size])
+    encoder = model.text_encoder()  # as `embed_texts` (and so the search engine) embeds a text
+    text = [encoder.encode_text(ids[i : i + text_batch_size], mask[i : i + text_batch_size])
             for i in tqdm(range(0, len(ids), text_batch_size), desc="texts", unit="batch", disable=not progress)]
     return EmbeddedSet(torch.cat(embeds), torch.cat(tokens), torch.cat(text), ids, mask)
 

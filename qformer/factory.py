@@ -25,6 +25,7 @@ from qformer import checkpoints as ckpt
 from qformer.config import DEFAULT_MODEL, MINILM_L6, QFormerConfig
 from qformer.encoders import HFVisionEncoder, ImageEncoder, create_encoder
 from qformer.model import CrossKV, QFormer
+from qformer.packed import fp16_text_encoder, packed_fp16_available
 from qformer.tokenizer import EVAL_MAX_LENGTH, load_tokenizer, minilm_dir, tokenize
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained offline models shipped with qsearch
@@ -92,7 +93,21 @@ class Blip2Retriever(nn.Module):
     def embed_texts(self, texts: list[str]) -> Tensor:
         """Texts -> ITC embeddings [B,D]."""
         ids, mask = self.tokenize(texts)
-        return self.qformer.encode_text(ids, mask)
+        return self.text_encoder().encode_text(ids, mask)
+
+    def text_encoder(self) -> QFormer:
+        """What `embed_texts` runs. On CPU in fp32: a copy of the Q-Former's text path with fbgemm-packed fp16
+        weights (a one-text query about 1.5x faster, embeddings within ~1e-4; see qformer/packed.py), rebuilt
+        whenever the Q-Former's weights change. Anywhere else: the Q-Former itself."""
+        q = self.qformer
+        if self.device.type != "cpu" or q.query_tokens.dtype != torch.float32 or not packed_fp16_available():
+            return q
+        version = tuple((id(p), p._version) for p in q.parameters())  # in-place updates bump _version
+        cached = self.__dict__.get("_packed_text")  # a plain attribute: not a submodule, not in state_dict
+        if cached is None or cached[0] != version:
+            cached = (version, fp16_text_encoder(q))
+            self.__dict__["_packed_text"] = cached
+        return cached[1]
 
     @torch.inference_mode()
     def image_kv(self, image_tokens: Tensor) -> CrossKV:

@@ -28,7 +28,6 @@ from PIL import Image
 
 from indexer import Index, load_image
 from qformer.factory import Blip2Retriever, create_model
-from qformer.packed import fp16_text_encoder, packed_fp16_available
 
 BASE_COLUMNS = ("image_id", "path", "source", "sha256", "size", "mtime", "width", "height", "format",
                 "caption", "indexed_at", "shard", "row")
@@ -85,11 +84,6 @@ class Searcher:
         self.index.check_model(self.model)
         self._caption_embeds: tuple[np.ndarray, torch.Tensor] | None = None
         self._fts: Any = None  # DuckDB connection with a BM25 index over the stored captions, built lazily
-        # text queries on CPU: the text path with packed fp16 weights (about 1.5x faster at batch 1, see
-        # qformer/packed.py); the model itself stays fp32 for images and ITM
-        on_cpu = self.model.device.type == "cpu"
-        fast = on_cpu and packed_fp16_available() and next(self.model.qformer.parameters()).dtype == torch.float32
-        self._text_encoder = fp16_text_encoder(self.model.qformer) if fast else self.model.qformer
 
     # ---- embeddings -------------------------------------------------------------------------------------
     def _text(self, text: str) -> torch.Tensor:
@@ -98,9 +92,7 @@ class Searcher:
             raise QueryError("empty query: give some words or an image")
         if len(text) > MAX_QUERY_CHARS:
             raise QueryError(f"query too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
-        ids, mask = self.model.tokenize([text])
-        with torch.inference_mode():
-            return self._text_encoder.encode_text(ids, mask)[0].float().cpu()  # [D]
+        return self.model.embed_texts([text])[0].float().cpu()  # [D]
 
     def _image(self, image: str | Path | bytes | Image.Image) -> tuple[torch.Tensor, torch.Tensor, Image.Image]:
         """Query image -> (query embeddings [Q,D], frozen tokens [1,N,C], decoded image)."""

@@ -149,3 +149,31 @@ def test_compact_checkpoint_is_smaller_and_scores_alike(small_model_dir, tmp_pat
         sims = [itc_similarity(m.qformer.encode_image(tokens), m.embed_texts(texts)) for m in (model, compact)]
     assert (sims[0] - sims[1]).abs().max() < 0.02
     assert torch.equal(sims[0].argmax(1), sims[1].argmax(1))
+
+
+def test_cpu_text_embeddings_use_packed_fp16_weights_and_follow_weight_changes(small_model_dir):
+    """On CPU, embed_texts runs the text path with fbgemm-packed fp16 weights (qformer/packed.py): within
+    2e-4 of the fp32 Q-Former, rebuilt when the weights change, and never part of the state dict."""
+    from qformer.factory import create_model
+    from qformer.packed import packed_fp16_available
+
+    if not packed_fp16_available():
+        pytest.skip("this torch build has no fbgemm fp16 linear")
+    model = create_model(small_model_dir)
+    texts = ["a dog on the grass", "a red car parked by a house", "two people walking"]
+    ids, mask = model.tokenize(texts)
+
+    def fp32() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.qformer.encode_text(ids, mask)
+
+    got = model.embed_texts(texts)
+    assert model.text_encoder() is not model.qformer
+    assert (got - fp32()).abs().max() < 2e-4
+    keys = set(model.state_dict())
+    with torch.no_grad():  # as an optimiser step or load_state_dict would
+        model.qformer.layers[0].ffn_text.fc1.weight.mul_(3.0)
+    changed = model.embed_texts(texts)
+    assert (changed - got).abs().max() > 1e-3
+    assert (changed - fp32()).abs().max() < 2e-4
+    assert set(model.state_dict()) == keys
