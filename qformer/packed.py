@@ -11,6 +11,7 @@ embeddings and ITM keep fp32 weights: at their batch sizes fbgemm's fp16 GEMM is
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from qformer.model import QFormer
 
 
+@functools.cache
 def packed_fp16_available() -> bool:
     """Whether this torch build has fbgemm's fp16 linear (x86 builds do)."""
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
@@ -50,12 +52,17 @@ def fp16_text_encoder(qformer: QFormer) -> QFormer:
     for layer in qformer.layers:
         leave_out += [m for m in (layer.cross, layer.ffn_query) if m is not None]
     memo: dict[int, object] = {id(m): None for m in leave_out if m is not None}
-    for table in (qformer.embeddings.word, qformer.embeddings.position):  # shared, not copied
+    shared = (qformer.embeddings.word, qformer.embeddings.position)  # not copied
+    for table in shared:
         memo[id(table)] = table
-    text = copy.deepcopy(qformer, memo).eval()
+    text = copy.deepcopy(qformer, memo)
     for module in list(text.modules()):
+        if any(module is table for table in shared):
+            continue  # the caller's own modules: their train mode and requires_grad are not ours to change
+        module.training = False
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, PackedFp16Linear(child))
-    text.requires_grad_(False)
     return text
