@@ -43,17 +43,14 @@ class ITGDecoder:
         self.num_queries = q = qformer.config.num_query_tokens
         self.length = 0  # text tokens fed so far
         b = image_tokens.shape[0]
-        cross = iter(qformer.image_kv(image_tokens))
-        x = qformer.embeddings(None, qformer.query_tokens.expand(b, -1, -1))  # [B,Q,H]
+        _, query_kv = qformer.query_pass(qformer.image_kv(image_tokens))  # per layer [B,h,Q,d]
         self.keys: list[Tensor] = []  # per layer [R,h,Q+T,d]
         self.values: list[Tensor] = []
-        for layer in qformer.layers:
-            k, v = layer.attn.kv(x)  # [B,h,Q,d]: queries see only queries, so text never changes them
+        for k, v in query_kv:  # queries see only queries, so text never changes them
             for buf, src in ((self.keys, k), (self.values, v)):
                 full = src.new_empty(b * rows_per_image, src.shape[1], q + max_text, src.shape[3])
                 full[:, :, :q] = src.repeat_interleave(rows_per_image, dim=0)
                 buf.append(full)
-            x = layer(x, None, q, next(cross) if layer.cross is not None else None)  # [B,Q,H]
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one text token per row, tokens [R], at the next position -> next-token logits [R,V]."""

@@ -13,7 +13,9 @@
   smoothing 0.1, padding ignored (-100).
 
 The frozen image tokens go through `ln_vision` and the cross-attention key/value projections once per
-batch (`QFormer.image_kv`); all three objectives reuse those keys/values.
+batch (`QFormer.image_kv`); all three objectives reuse those keys/values. ITG also reuses the ITC image
+pass's query self-attention keys/values (`QFormer.query_pass`), as LAVIS does with `past_key_values`, so its
+pass runs the text tokens only.
 
 Shapes: B local batch, W world size, G = B*W global batch, Q queries, D ITC width, L text tokens,
 N image tokens, C image token width.
@@ -33,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qformer.model import CrossKV, QFormer
+from qformer.model import CrossKV, QFormer, QueryKV
 
 LABEL_SMOOTHING = 0.1
 TEMP_RANGE = (0.001, 0.5)  # LAVIS clamps temp into this range before every forward
@@ -204,15 +206,22 @@ def itm_loss(
 
 # ---- ITG -----------------------------------------------------------------------------------------------
 def itg_loss(
-    qformer: QFormer, kv: CrossKV, input_ids: Tensor, text_mask: Tensor, smoothing: float = LABEL_SMOOTHING
+    qformer: QFormer,
+    kv: CrossKV,
+    input_ids: Tensor,
+    text_mask: Tensor,
+    smoothing: float = LABEL_SMOOTHING,
+    query_kv: QueryKV | None = None,
 ) -> Tensor:
     """Captioning loss: [DEC] replaces the first token ([CLS]); each token predicts the next under the
-    multimodal-causal mask; padding is ignored. input_ids, text_mask [B,L]; kv batch B."""
+    multimodal-causal mask; padding is ignored. input_ids, text_mask [B,L]; kv batch B; query_kv: the ITC
+    image pass's query keys/values (`QFormer.query_pass`), reused rather than recomputed when given."""
     decoder_ids = input_ids.clone()
     decoder_ids[:, 0] = qformer.config.bos_token_id
     labels = decoder_ids.masked_fill(text_mask == 0, -100)[:, 1:]  # [B,L-1]: token t+1 is the target at t
-    h = qformer.encode(decoder_ids, text_mask, kv=kv, mask_kind="causal")  # [B,Q+L,H]
-    h = h[:, qformer.config.num_query_tokens : -1]  # text positions 0..L-2 [B,L-1,H]
+    if query_kv is None:
+        query_kv = qformer.query_pass(kv)[1]
+    h = qformer.decode_text(decoder_ids, text_mask, query_kv)[:, :-1]  # text positions 0..L-2 [B,L-1,H]
     keep = labels != -100
     # the LM head (H x vocab) only on positions that have a target: same loss as LAVIS, less compute
     logits = qformer.lm_head(h[keep], qformer.embeddings.word.weight)  # [T,V]
@@ -242,7 +251,8 @@ def stage1_losses(
     kv = qformer.image_kv(image_tokens)  # ln_vision + cross K/V, once for all three objectives
 
     # ITC
-    image_feats = qformer.image_embeds_from_kv(kv)  # [B,Q,D]
+    query_states, query_kv = qformer.query_pass(kv)  # [B,Q,H]; per layer the queries' keys/values, for ITG
+    image_feats = qformer.itc_image_embeds(query_states)  # [B,Q,D]
     text_feat = qformer.encode_text(input_ids, text_mask)  # [B,D]
     sim_i2t, sim_t2i = itc_similarity_logits(
         image_feats, text_feat, gather_with_grad(image_feats), gather_with_grad(text_feat), qformer.temp
@@ -263,7 +273,7 @@ def stage1_losses(
                         ids_all[txt_cols], mask_all[txt_cols], txt_rows)
 
     # ITG
-    loss_itg = itg_loss(qformer, kv, input_ids, text_mask)
+    loss_itg = itg_loss(qformer, kv, input_ids, text_mask, query_kv=query_kv)
 
     return {"itc": loss_itc, "itm": loss_itm, "itg": loss_itg, "loss": loss_itc + loss_itm + loss_itg}
 

@@ -23,6 +23,7 @@ from qformer.config import QFormerConfig
 
 MaskKind = Literal["unimodal", "bidirectional", "causal"]
 CrossKV = list[tuple[Tensor, Tensor]]  # per cross-attention layer: keys, values [B|1, heads, N, H/heads]
+QueryKV = list[tuple[Tensor, Tensor]]  # per layer: the queries' self-attention keys, values [B, heads, Q, H/heads]
 
 
 def attention_mask(kind: MaskKind, num_queries: int, text_mask: Tensor) -> Tensor:
@@ -131,9 +132,11 @@ class QFormerLayer(nn.Module):
         self.ffn_query = FeedForward(config)
         self.ffn_text = FeedForward(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None, num_queries: int, kv: tuple[Tensor, Tensor] | None) -> Tensor:
-        """x [B,Q+L,H] -> [B,Q+L,H]. kv: this layer's image keys/values (cross layers with queries only)."""
-        x = self.attn(x, mask)
+    def forward(self, x: Tensor, mask: Tensor | None, num_queries: int, kv: tuple[Tensor, Tensor] | None,
+                self_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B,Q+L,H] -> [B,Q+L,H]. kv: this layer's image keys/values (cross layers with queries only);
+        self_kv: the self-attention's keys/values when the caller has them (default: from x)."""
+        x = self.attn(x, mask, kv=self_kv)
         queries, text = x[:, :num_queries], x[:, num_queries:]
         parts = []
         if num_queries > 0:
@@ -240,8 +243,35 @@ class QFormer(nn.Module):
 
     def image_embeds_from_kv(self, kv: CrossKV) -> Tensor:
         """Cross keys/values (batch B) -> L2-normalised ITC query embeddings [B,Q,D]."""
-        h = self.encode(kv=kv)
-        return F.normalize(self.vision_proj(h), dim=-1)
+        return self.itc_image_embeds(self.query_pass(kv)[0])
+
+    def itc_image_embeds(self, query_states: Tensor) -> Tensor:
+        """Query outputs [B,Q,H] of `query_pass` -> L2-normalised ITC query embeddings [B,Q,D]."""
+        return F.normalize(self.vision_proj(query_states), dim=-1)
+
+    def query_pass(self, kv: CrossKV) -> tuple[Tensor, QueryKV]:
+        """The queries alone on an image (ITC's uni-modal image pass): hidden states [B,Q,H] and every
+        layer's self-attention keys/values of the queries. Under the multimodal-causal mask the queries
+        never see text, so ITG's text reuses these keys/values instead of re-running the queries (as LAVIS
+        passes `past_key_values`)."""
+        b = kv[0][0].shape[0]
+        x = self.embeddings(None, self.query_tokens.expand(b, -1, -1))  # [B,Q,H]
+        q, cross, query_kv = x.shape[1], iter(kv), []
+        for layer in self.layers:
+            query_kv.append(layer.attn.kv(x))  # [B,heads,Q,H/heads] each
+            x = layer(x, None, q, next(cross) if layer.cross is not None else None, self_kv=query_kv[-1])
+        return x, query_kv
+
+    def decode_text(self, input_ids: Tensor, text_mask: Tensor, query_kv: QueryKV) -> Tensor:
+        """ITG text hidden states [B,L,H] under the multimodal-causal mask: each text token attends to
+        every query (through `query_pass`'s keys/values) and to itself and earlier text."""
+        q = query_kv[0][0].shape[2]
+        mask = attention_mask("causal", q, text_mask)[:, :, q:]  # the text rows [B,1,L,Q+L]
+        x = self.embeddings(input_ids, None)  # [B,L,H]
+        for layer, (qk, qv) in zip(self.layers, query_kv, strict=True):
+            k, v = layer.attn.kv(x)  # [B,heads,L,H/heads]
+            x = layer(x, mask, 0, None, self_kv=(torch.cat([qk, k], dim=2), torch.cat([qv, v], dim=2)))
+        return x
 
     def encode_text(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
         """Token ids [B,L] with mask [B,L] -> L2-normalised ITC embedding of [CLS], [B,D]."""

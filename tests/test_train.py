@@ -168,6 +168,40 @@ def test_itg_uses_dec_shift_padding_and_smoothing():
     assert not torch.allclose(expected, unsmoothed)
 
 
+def test_itg_reusing_the_itc_query_pass_gives_the_full_pass_loss_and_gradients(monkeypatch):
+    """ITG's text attends to the ITC image pass's query keys/values (LAVIS `past_key_values`): same loss and
+    gradients as running queries + text under the multimodal-causal mask, with one query pass per batch."""
+    torch.manual_seed(0)
+    q = QFormer(SMALL).eval()  # no dropout: both ways compute the same function
+    tokens, ids, mask = rand_batch(4, length=9)
+    dec = ids.clone()
+    dec[:, 0] = SMALL.bos_token_id
+    labels = dec.masked_fill(mask == 0, -100)[:, 1:]
+
+    def grads(loss):
+        q.zero_grad()
+        loss.backward()
+        return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in q.named_parameters()}
+
+    h = q.encode(dec, mask, kv=q.image_kv(tokens), mask_kind="causal")[:, SMALL.num_query_tokens : -1]
+    full = F.cross_entropy(q.lm_head(h, q.embeddings.word.weight).flatten(0, 1), labels.flatten(),
+                           label_smoothing=0.1)
+    g_full = grads(full)
+    kv = q.image_kv(tokens)
+    reused = itg_loss(q, kv, ids, mask, query_kv=q.query_pass(kv)[1])
+    g_reused = grads(reused)
+    torch.testing.assert_close(reused, full)
+    assert g_full["query_tokens"].abs().sum() > 0  # the text's loss reaches the queries through their keys/values
+    for name in g_full:
+        torch.testing.assert_close(g_reused[name], g_full[name], atol=1e-6, rtol=1e-4, msg=name)
+
+    calls = []
+    real = q.query_pass
+    monkeypatch.setattr(q, "query_pass", lambda kv: calls.append(1) or real(kv))
+    stage1_losses(q, tokens, ids, mask, torch.arange(4), torch.Generator().manual_seed(0))
+    assert len(calls) == 1  # ITC's image pass, shared with ITG
+
+
 def test_stage1_losses_shapes_itm_pairs_and_temp_clamp(monkeypatch):
     torch.manual_seed(0)
     q = QFormer(SMALL).train()
