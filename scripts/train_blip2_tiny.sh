@@ -13,11 +13,12 @@ BIN=${BIN:-.venv/bin}
 DEVICE=${DEVICE:-auto}
 INIT=${INIT:-blip2-tiny-init}  # the untrained starting point; its frozen tower: Lite0, or Lite2 with -lite2
 STAGE1_STEPS=${STAGE1_STEPS:-400}
+STAGE1_LR=${STAGE1_LR:-5e-4}  # peak; 1e-4 (LAVIS, for batch 1680 over 250k steps) learns 1.6x less mean recall in 100 steps here
 STAGE2_STEPS=${STAGE2_STEPS:-200}
 K_TEST=${K_TEST:-8}  # ITM re-ranking depth of the dev evaluation (the paper's 128 takes hours on a CPU)
 export HF_HUB_OFFLINE=1
 "$BIN/qsearch" train stage1 --data-root "$F8K" --split train --model "$INIT" --device "$DEVICE" \
-  --batch-size 32 --max-steps "$STAGE1_STEPS" --warmup-steps 50 --lr 1e-4 --min-lr 1e-5 --seed 0 \
+  --batch-size 32 --max-steps "$STAGE1_STEPS" --warmup-steps 50 --lr "$STAGE1_LR" --min-lr 1e-5 --seed 0 \
   --checkpoint-every 50 --out-dir "$RUN/stage1" --cache-dir "$RUN/features" --no-progress --resume
 "$BIN/python" - "$RUN/stage1/checkpoints/step_$(printf %07d "$STAGE1_STEPS")" <<'PY'
 import sys
