@@ -380,7 +380,19 @@ class EfficientNetLiteEncoder(ImageEncoder):
         self.std = (0.5, 0.5, 0.5)
         self._freeze()
 
+    # On CPU a batch runs through the tower in chunks of this many images: their activations (a few MB an
+    # image at 224 px) then stay in the CPU's caches. Per image the outputs are the same; on the project's
+    # 2-core CPU, Lite0 at batch 32 goes from about 36 to about 65 images/s (`scripts/bench_engine.py`).
+    cpu_chunk: int = 4
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [B,3,S,S] -> tokens [B, h*w, 1280] (row-major positions)."""
+        n = self.cpu_chunk if pixels.device.type == "cpu" and self.cpu_chunk > 0 else pixels.shape[0]
+        if pixels.shape[0] > n:
+            return torch.cat([self._tokens(chunk) for chunk in pixels.split(n)])
+        return self._tokens(pixels)
+
+    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.to(self.dtype).contiguous(memory_format=torch.channels_last)
         f = self.model.forward_features(x)  # [B, 1280, h, w], stored NHWC
         b, c, h, w = f.shape

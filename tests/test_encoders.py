@@ -90,7 +90,8 @@ def test_efficientnet_lite_recognises_cat(variant: str, num_tokens: int) -> None
 
 
 def test_efficientnet_lite_tokens_equal_timm_with_batchnorm() -> None:
-    """The encoder folds BatchNorm into its convolutions and runs NHWC: same tokens as timm's plain model."""
+    """The encoder folds BatchNorm into its convolutions, runs NHWC and in chunks of cpu_chunk images on CPU:
+    same tokens as timm's plain model on the whole batch."""
     import timm
 
     from qformer.encoders import convert_lukemelas_efficientnet_lite, efficientnet_lite_weights_path
@@ -100,11 +101,15 @@ def test_efficientnet_lite_tokens_equal_timm_with_batchnorm() -> None:
     plain = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     state = torch.load(efficientnet_lite_weights_path("lite0"), map_location="cpu", weights_only=True)
     plain.load_state_dict(convert_lukemelas_efficientnet_lite(state, [len(s) for s in plain.blocks]))
-    x = _pixels(encoder, batch=2)
+    x = _pixels(encoder, batch=6)  # more than cpu_chunk (4) and not a multiple of it: a chunked batch
+    assert encoder.cpu_chunk == 4
     with torch.no_grad():
-        want = plain.forward_features(x).flatten(2).transpose(1, 2)  # [2, 49, 1280], position = row * 7 + col
-        torch.testing.assert_close(encoder(x), want, atol=1e-4, rtol=1e-4)
+        want = plain.forward_features(x).flatten(2).transpose(1, 2)  # [6, 49, 1280], position = row * 7 + col
+        got = encoder(x)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(encoder.classify(x), plain(x), atol=1e-4, rtol=1e-4)
+        encoder.cpu_chunk = 0  # the whole batch at once
+        torch.testing.assert_close(encoder(x), got, atol=1e-5, rtol=1e-5)
 
 
 def test_efficientnet_lite_spec_round_trip() -> None:
