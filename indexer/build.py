@@ -38,6 +38,7 @@ from indexer.fingerprint import model_fingerprint, model_identity
 from indexer.sources import TAR_SEP, Item, collect, read_item_bytes
 from indexer.writer import IndexWriter
 from qformer.factory import Blip2Retriever
+from qformer.workers import DECODE_NICE, lower_priority
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class IndexConfig:
     keep_generations: int = 2  # generations kept on disk for readers that opened an older one
     caption_image_side: int = 512  # longest side of the images handed to a captioner
     prefetch_factor: int = 2  # batches each worker decodes ahead
-    worker_nice: int = 19  # niceness added to the decoding processes, so they never stall the model's threads
+    worker_nice: int = DECODE_NICE  # niceness added to the decoding processes (qformer.workers)
 
 
 @dataclass
@@ -268,7 +269,7 @@ class _Run:
                       size if cfg.jpeg_draft else None, self.captioner is not None)
         loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
-                            worker_init_fn=functools.partial(_lower_priority, cfg.worker_nice),
+                            worker_init_fn=functools.partial(lower_priority, nice=cfg.worker_nice),
                             pin_memory=model.device.type == "cuda")
         bar = tqdm(total=len(self.items), desc="indexing", unit="img", disable=not progress, smoothing=0.1)
         t = time.perf_counter()
@@ -410,12 +411,6 @@ class _Run:
         return {"complete": complete, "scanned": s.scanned, "embedded": s.embedded, "reused": s.reused,
                 "unchanged": s.unchanged, "updated": s.updated, "removed": s.removed, "skipped": s.skipped,
                 "sources": sorted(self.roots), "timings": {k: round(v, 3) for k, v in self.t.items()}}
-
-
-def _lower_priority(nice: int, worker_id: int) -> None:
-    """DataLoader worker_init_fn: raise the decoding process's niceness by `nice`."""
-    if nice > 0 and hasattr(os, "nice"):
-        os.nice(nice)
 
 
 def _exists(path: str) -> bool:

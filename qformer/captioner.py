@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from qformer.datasets import RetrievalSet
 from qformer.factory import WEIGHTS_DIR
+from qformer.workers import lower_priority
 
 ITG_SETTINGS = {"num_beams": 3, "max_length": 30, "min_length": 10}
 LLM_SETTINGS = {"num_beams": 5, "max_length": 30, "min_length": 8}
@@ -100,7 +101,7 @@ def evaluate_captioner(captioner: Captioner, data: RetrievalSet, batch_size: int
     from qformer.stage2 import caption_metrics
 
     loader = DataLoader(ImageFiles(data.image_paths, captioner.preprocess), batch_size=batch_size,
-                        num_workers=num_workers)
+                        num_workers=num_workers, worker_init_fn=lower_priority)
     t0 = time.perf_counter()
     captions: list[str] = []
     for pixels in tqdm(loader, desc="captions", unit="batch", disable=not progress):

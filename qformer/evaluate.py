@@ -19,6 +19,7 @@ from qformer.datasets import RetrievalSet
 from qformer.factory import Blip2Retriever
 from qformer.model import CrossKV
 from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
+from qformer.workers import lower_priority
 
 
 class ImageReadError(ValueError):
@@ -61,7 +62,7 @@ def embed_dataset(
 ) -> EmbeddedSet:
     """ITC embeddings of every image and caption, and the image tokens ITM needs."""
     loader = DataLoader(ImageFiles(data.image_paths, model.preprocess()), batch_size=batch_size,
-                        num_workers=num_workers, persistent_workers=False)
+                        num_workers=num_workers, persistent_workers=False, worker_init_fn=lower_priority)
     embeds, tokens = [], []
     for pixels in tqdm(loader, desc="images", unit="batch", disable=not progress):
         e, t = model.embed_images(pixels)

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from qformer.encoders import ImageEncoder
+from qformer.workers import lower_priority
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ class FeatureCache:
 
         start = done  # loader item i is image start + i
         loader = DataLoader(_ImageFiles([Path(k) for k in keys[start:]], encoder.preprocess()),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                            worker_init_fn=lower_priority)
         bar = tqdm(total=len(keys), initial=done, desc="image features", unit="img", disable=not progress)
         for n_batch, items in enumerate(loader, start=1):
             good = []
