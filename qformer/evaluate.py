@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from qformer.datasets import RetrievalSet
 from qformer.factory import Blip2Retriever
 from qformer.model import CrossKV
+from qformer.precision import autocast, use_bf16
 from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
 from qformer.workers import lower_priority
 
@@ -81,9 +82,10 @@ def kv_bytes_per_image(model: Blip2Retriever, num_tokens: int, element_size: int
 
 
 def make_itm_fn(
-    model: Blip2Retriever, emb: EmbeddedSet, kv_cache_bytes: int = 2 << 30
+    model: Blip2Retriever, emb: EmbeddedSet, kv_cache_bytes: int = 2 << 30, precision: str = "auto"
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """itm_fn(image_idx [P], text_idx [P]) -> match logits [P].
+    """itm_fn(image_idx [P], text_idx [P]) -> match logits [P], computed under `precision` (qformer.precision:
+    auto = bf16 where the device has native bf16, as the search engine does).
 
     Cross-attention keys/values are text-independent: a batch whose pairs share one image computes them
     once; when all images' keys/values fit in `kv_cache_bytes` they are computed once for the whole run.
@@ -92,7 +94,8 @@ def make_itm_fn(
     n_img, n_tok = emb.image_tokens.shape[:2]
     cache: CrossKV | None = None
     if n_img * kv_bytes_per_image(model, n_tok, emb.image_tokens.element_size()) <= kv_cache_bytes:
-        chunks = [q.image_kv(emb.image_tokens[i : i + 64]) for i in range(0, n_img, 64)]
+        with torch.inference_mode(), autocast(model.device, precision):
+            chunks = [q.image_kv(emb.image_tokens[i : i + 64]) for i in range(0, n_img, 64)]
         cache = [(torch.cat([c[j][0] for c in chunks]), torch.cat([c[j][1] for c in chunks]))
                  for j in range(len(chunks[0]))]
 
@@ -107,8 +110,9 @@ def make_itm_fn(
         length = int(mask.sum(1).max())  # trim padding columns shared by the whole batch
         ids, mask = emb.text_ids[text_idx, :length], mask[:, :length]
         shared = bool((image_idx == image_idx[0]).all())
-        kv = image_kv(image_idx[:1] if shared else image_idx)
-        return q.itm_match_logit(kv, ids, mask).float()
+        with autocast(model.device, precision):
+            kv = image_kv(image_idx[:1] if shared else image_idx)
+            return q.itm_match_logit(kv, ids, mask).float()
 
     return itm_fn
 
@@ -121,8 +125,10 @@ def evaluate_retrieval(
     itm_batch_size: int = 128,
     num_workers: int = 2,
     progress: bool = True,
+    itm_precision: str = "auto",
 ) -> dict[str, Any]:
-    """Recall@1/5/10 both ways, ITC-only and ITC+ITM (k_test=0 skips ITM), with timings."""
+    """Recall@1/5/10 both ways, ITC-only and ITC+ITM (k_test=0 skips ITM), with timings. itm_precision:
+    the ITM re-ranker's arithmetic (qformer.precision.autocast; auto = bf16 where native, as in search)."""
     t0 = time.perf_counter()
     with torch.inference_mode():
         emb = embed_dataset(model, data, batch_size, num_workers=num_workers, progress=progress)
@@ -131,10 +137,12 @@ def evaluate_retrieval(
         results: dict[str, Any] = {"itc": recall_at_k(itc, itc.t(), data.img2txt, data.txt2img)}
         t2 = time.perf_counter()
         if k_test > 0:
-            i2t, t2i = rerank_with_itm(itc, make_itm_fn(model, emb), k=k_test, batch_size=itm_batch_size,
+            i2t, t2i = rerank_with_itm(itc, make_itm_fn(model, emb, precision=itm_precision), k=k_test, batch_size=itm_batch_size,
                                        progress=progress)
             results["itc+itm"] = recall_at_k(i2t, t2i, data.img2txt, data.txt2img)
         t3 = time.perf_counter()
     results["seconds"] = {"embed": round(t1 - t0, 2), "itc": round(t2 - t1, 2), "itm": round(t3 - t2, 2)}
     results["n_images"], results["n_texts"], results["k_test"] = len(data.image_paths), len(data.texts), k_test
+    if k_test > 0:
+        results["itm_precision"] = "bf16" if use_bf16(model.device, itm_precision) else "fp32"
     return results

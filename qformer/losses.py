@@ -58,7 +58,8 @@ def gather_no_grad(x: Tensor) -> Tensor:
         return x
     parts = [torch.empty_like(x) for _ in range(w)]
     dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    with torch.autocast(x.device.type, enabled=False):  # CPU autocast's cat rejects fp16 (the cached tokens)
+        return torch.cat(parts)
 
 
 class _GatherLayer(torch.autograd.Function):
@@ -118,8 +119,11 @@ def itc_similarity_logits(
 
     image_feats [B,Q,D], text_feat [B,D] are this rank's; *_all [G,Q,D] / [G,D] are gathered.
     """
-    sim_i2t = torch.einsum("bqd,gd->bgq", image_feats, text_feat_all).amax(-1) / temp  # [B,G]
-    sim_t2i = torch.einsum("bd,gqd->bgq", text_feat, image_feats_all).amax(-1) / temp  # [B,G]
+    with torch.autocast(image_feats.device.type, enabled=False):  # fp32 under autocast: see itc_image_embeds
+        image_feats, image_feats_all = image_feats.float(), image_feats_all.float()
+        text_feat, text_feat_all = text_feat.float(), text_feat_all.float()
+        sim_i2t = torch.einsum("bqd,gd->bgq", image_feats, text_feat_all).amax(-1) / temp  # [B,G]
+        sim_t2i = torch.einsum("bd,gqd->bgq", text_feat, image_feats_all).amax(-1) / temp  # [B,G]
     return sim_i2t, sim_t2i
 
 

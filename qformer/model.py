@@ -133,10 +133,16 @@ class QFormerLayer(nn.Module):
         self.ffn_text = FeedForward(config)
 
     def forward(self, x: Tensor, mask: Tensor | None, num_queries: int, kv: tuple[Tensor, Tensor] | None,
-                self_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                self_kv: tuple[Tensor, Tensor] | None = None, same_rows: bool = False) -> Tensor:
         """x [B,Q+L,H] -> [B,Q+L,H]. kv: this layer's image keys/values (cross layers with queries only);
-        self_kv: the self-attention's keys/values when the caller has them (default: from x)."""
-        x = self.attn(x, mask, kv=self_kv)
+        self_kv: the self-attention's keys/values when the caller has them (default: from x); same_rows: every
+        row of x and mask is the same (one text against many images, before any cross-attention), so the
+        self-attention and the text FFN run on one row and are broadcast."""
+        b = x.shape[0]
+        if same_rows and self_kv is None:
+            x = self.attn(x[:1], None if mask is None else mask[:1]).expand(b, -1, -1)
+        else:
+            x = self.attn(x, mask, kv=self_kv)
         queries, text = x[:, :num_queries], x[:, num_queries:]
         parts = []
         if num_queries > 0:
@@ -144,7 +150,7 @@ class QFormerLayer(nn.Module):
                 queries = self.cross(queries, kv=kv)
             parts.append(self.ffn_query(queries))
         if text.shape[1] > 0:
-            parts.append(self.ffn_text(text))
+            parts.append(self.ffn_text(text[:1]).expand(b, -1, -1) if same_rows else self.ffn_text(text))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -231,9 +237,13 @@ class QFormer(nn.Module):
                 text_mask = torch.ones_like(input_ids)
             mask = attention_mask(mask_kind, num_queries, text_mask)
         kv_iter = iter(kv) if kv is not None else None
-        for layer in self.layers:
+        # one text against many images (the search engine's and t2i re-ranking's case): the first layer's input
+        # rows are all equal (learned queries + that text), so its self-attention runs once (exact)
+        same = (not self.training and input_ids is not None and x.shape[0] > 1
+                and bool((input_ids == input_ids[:1]).all()) and bool((text_mask == text_mask[:1]).all()))
+        for i, layer in enumerate(self.layers):
             layer_kv = next(kv_iter) if (layer.cross is not None and kv_iter is not None) else None
-            x = layer(x, mask, num_queries, layer_kv)
+            x = layer(x, mask, num_queries, layer_kv, same_rows=same and i == 0)
         return x
 
     # ---- public task functions ----------------------------------------------------------------------
@@ -246,8 +256,10 @@ class QFormer(nn.Module):
         return self.itc_image_embeds(self.query_pass(kv)[0])
 
     def itc_image_embeds(self, query_states: Tensor) -> Tensor:
-        """Query outputs [B,Q,H] of `query_pass` -> L2-normalised ITC query embeddings [B,Q,D]."""
-        return F.normalize(self.vision_proj(query_states), dim=-1)
+        """Query outputs [B,Q,H] of `query_pass` -> L2-normalised ITC query embeddings [B,Q,D] (fp32 under
+        autocast: the cosines divided by temp 0.07 are too sensitive for bf16's 8-bit mantissa)."""
+        with torch.autocast(query_states.device.type, enabled=False):
+            return F.normalize(self.vision_proj(query_states.to(self.embeddings.norm.weight.dtype)), dim=-1)
 
     def query_pass(self, kv: CrossKV) -> tuple[Tensor, QueryKV]:
         """The queries alone on an image (ITC's uni-modal image pass): hidden states [B,Q,H] and every
@@ -277,7 +289,8 @@ class QFormer(nn.Module):
         """Token ids [B,L] with mask [B,L] -> L2-normalised ITC embedding of [CLS], [B,D]."""
         input_ids, text_mask = trim_padding(input_ids, text_mask)
         h = self.encode(input_ids, text_mask)
-        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+        with torch.autocast(h.device.type, enabled=False):  # fp32 under autocast, as itc_image_embeds
+            return F.normalize(self.text_proj(h[:, 0].to(self.embeddings.norm.weight.dtype)), dim=-1)
 
     def itm_logits(self, image: Tensor | CrossKV, input_ids: Tensor, text_mask: Tensor) -> Tensor:
         """ITM logits [B,2] (no-match, match) for pairs: image tokens [B,N,C] (or `image_kv` output, batch
@@ -286,7 +299,8 @@ class QFormer(nn.Module):
         input_ids, text_mask = trim_padding(input_ids, text_mask)
         h = self.encode(input_ids, text_mask, kv=kv, mask_kind="bidirectional")
         q = self.config.num_query_tokens
-        return self.itm_head(h[:, :q]).mean(dim=1)
+        with torch.autocast(h.device.type, enabled=False):  # the small head in fp32, also under bf16 autocast
+            return self.itm_head(h[:, :q].to(self.embeddings.norm.weight.dtype)).mean(dim=1)
 
     def itm_match_logit(self, image: Tensor | CrossKV, input_ids: Tensor, text_mask: Tensor) -> Tensor:
         """The raw match logit [B] that the paper's retrieval score adds to the ITC cosine."""

@@ -15,6 +15,7 @@ re-ranking depth: p50/p95 of the whole call, and of its stages measured separate
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import torch
 from qformer.config import DEFAULT_MODEL
 from qformer.datasets import load_retrieval_set
 from qformer.factory import create_model
+from qformer.precision import cpu_bf16_native, use_bf16
 from search.engine import Searcher
 from search.evaluate import engine_text_to_image_recall
 
@@ -47,6 +49,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--recall", action="store_true",
                     help="also text -> image R@1/5/10 of every dev caption through each index (ITC only)")
+    ap.add_argument("--itm-precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                    help="ITM re-ranking arithmetic; several: each index is timed with each")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.threads:
@@ -58,11 +62,12 @@ def main() -> None:
     model = create_model(args.model)
     res: dict = {"queries": args.queries, "k": 10, "threads": torch.get_num_threads(), "rescore": args.rescore,
                  "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
-                 "indexes": {}}
-    for path in args.index:
-        s = Searcher(path, model=model, rescore=args.rescore)
+                 "cpu_bf16_native": cpu_bf16_native(), "indexes": {}}
+    for path, precision in itertools.product(args.index, args.itm_precision):
+        s = Searcher(path, model=model, rescore=args.rescore, itm_precision=precision)
         row: dict = {"images": len(s.index), "faiss": s.index.manifest["faiss"]["factory"],
-                     "faiss_params": s.index.manifest["faiss"].get("params", ""), "approximate": s.approximate}
+                     "faiss_params": s.index.manifest["faiss"].get("params", ""), "approximate": s.approximate,
+                     "itm_precision": "bf16" if use_bf16(model.device, precision) else "fp32"}
         s.search(texts[-1], k=10, rerank=max(args.rerank))  # warm-up: memory maps, FAISS, model
         stages: dict[str, list[float]] = {"text_embed": [], "first_stage": [], f"itm_{max(args.rerank)}": []}
         for text in texts[: args.queries]:
@@ -88,8 +93,9 @@ def main() -> None:
             t0 = time.perf_counter()
             row["dev_recall_itc"] = engine_text_to_image_recall(s, data, rerank=0, progress=False)
             row["dev_recall_seconds"] = round(time.perf_counter() - t0, 1)
-        res["indexes"][path] = row
-        print(json.dumps({path: row}, indent=2), flush=True)
+        key = path if len(args.itm_precision) == 1 else f"{path} itm={row['itm_precision']}"
+        res["indexes"][key] = row
+        print(json.dumps({key: row}, indent=2), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

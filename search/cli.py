@@ -119,7 +119,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Search an index by text, image, or both."""
     from search.engine import Searcher
 
-    searcher = Searcher(args.index, device=_device(args.device), rescore=args.rescore)
+    searcher = Searcher(args.index, device=_device(args.device), rescore=args.rescore,
+                        itm_precision=args.itm_precision)
     if args.captions_of:
         hits = [h.__dict__ for h in searcher.search_captions(args.captions_of, k=args.k)]
         if args.json:
@@ -238,7 +239,7 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
         model.encoder.half()
     res = evaluate_retrieval(model, data, k_test=args.k_test, batch_size=args.batch_size,
                              itm_batch_size=args.itm_batch_size, num_workers=args.workers,
-                             progress=not args.quiet)
+                             progress=not args.quiet, itm_precision=args.itm_precision)
     rows = {k: v for k, v in res.items() if k in ("itc", "itc+itm")}
     out = {"model": model.name, "dataset": args.dataset, "split": args.split, "root": str(args.root),
            "device": str(model.device), **res}
@@ -272,6 +273,12 @@ def cmd_bench_captions(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def _itm_precision_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--itm-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="ITM re-ranking arithmetic; auto: bf16 where the CPU/GPU has native bf16 (about 1.7x "
+                        "faster on CPU), else fp32")
 
 
 def _dataset_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -338,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10, help="results to return")
     s.add_argument("--offset", type=int, default=0, help="skip this many results (paging)")
     s.add_argument("--rerank", type=int, default=128, help="ITM re-ranks this many ITC candidates (0: off)")
+    _itm_precision_argument(s)
     s.add_argument("--rescore", type=int, default=512,
                    help="compressed (PQ) indexes: candidate images re-scored exactly from the stored embeddings")
     s.add_argument("--where", help="SQL predicate over the metadata, e.g. \"width > ?\"")
@@ -395,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--k-test", type=int, default=128, help="ITM re-ranks the top k by ITC (0: ITC only)")
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
     r.add_argument("--itm-batch-size", type=int, default=128, help="pairs per ITM batch")
+    _itm_precision_argument(r)
     _run_arguments(r, out_help="write the results as JSON here")
     r.set_defaults(func=cmd_bench_retrieval)
     bc = bsub.add_parser("captions", help="BLEU-4 and CIDEr of a captioner (ITG or LLM) on a captioned split")

@@ -28,6 +28,7 @@ from PIL import Image
 
 from indexer import Index, load_image
 from qformer.factory import Blip2Retriever, create_model
+from qformer.precision import autocast, use_bf16
 
 BASE_COLUMNS = ("image_id", "path", "source", "sha256", "size", "mtime", "width", "height", "format",
                 "caption", "indexed_at", "shard", "row")
@@ -70,12 +71,16 @@ class Searcher:
     """An open index plus the model it was built with."""
 
     def __init__(self, index_dir: str | Path, model: Blip2Retriever | None = None, device: str = "cpu",
-                 rescore: int = DEFAULT_RESCORE):
+                 rescore: int = DEFAULT_RESCORE, itm_precision: str = "auto"):
         """rescore: when FAISS scores are approximate (PQ codes), the ITC candidates are the best
         max(n, rescore) images by approximate score, re-scored exactly from the stored embeddings (0: keep
-        FAISS's scores). Indexes holding full vectors (Flat, IVF-Flat, HNSW-Flat) are never re-scored."""
+        FAISS's scores). Indexes holding full vectors (Flat, IVF-Flat, HNSW-Flat) are never re-scored.
+        itm_precision: the ITM re-ranker's arithmetic, "auto" (bf16 where the device has native bf16, else
+        fp32), "fp32" or "bf16" (qformer.precision)."""
         if rescore < 0:
             raise ValueError("rescore must be >= 0")
+        use_bf16(device, itm_precision)  # rejects an unknown precision before anything loads
+        self.itm_precision = itm_precision
         self.index = Index.open(index_dir)
         self.rescore = rescore
         self.approximate = not faiss_scores_exact(self.index.faiss_index)
@@ -130,7 +135,7 @@ class Searcher:
         """ITM match logits of the text against these images."""
         q, out = self.model.qformer, []
         ids, mask = self.model.tokenize([" ".join(text.split())])
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.model.device, self.itm_precision):
             for i in range(0, len(image_ids), batch):
                 chunk = image_ids[i : i + batch]
                 kv = q.image_kv(self.index.features(chunk).to(self.model.device))

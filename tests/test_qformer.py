@@ -128,6 +128,39 @@ def test_padding_does_not_change_outputs(small):
                                    atol=1e-6, rtol=0)
 
 
+def test_one_text_against_many_images_shares_the_first_self_attention_exactly(small):
+    images = torch.randn(5, 10, SMALL.encoder_width)
+    ids, mask = rand_text(b=1, length=7)
+    rows_seen: list[int] = []
+    hook = small.layers[0].attn.register_forward_hook(lambda m, args, out: rows_seen.append(out.shape[0]))
+    try:
+        with torch.no_grad():
+            batched = small.itm_logits(small.image_kv(images), ids.expand(5, -1), mask.expand(5, -1))  # [5,2]
+            rows_seen_batched, rows_seen[:] = list(rows_seen), []
+            one_by_one = torch.cat([small.itm_logits(images[i : i + 1], ids, mask) for i in range(5)])
+            two_texts = small.itm_logits(small.image_kv(images[:2]), torch.cat([ids, ids.flip(1)]),
+                                         mask.expand(2, -1))
+    finally:
+        hook.remove()
+    assert rows_seen_batched == [1]  # the shared pass ran on one row ...
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=0)  # ... and changed nothing
+    assert rows_seen[-1] == 2 and not torch.equal(two_texts[0], two_texts[1])  # different texts: no sharing
+
+
+def test_bf16_autocast_keeps_itm_and_itc_close_and_the_heads_in_fp32(small):
+    images = torch.randn(4, 10, SMALL.encoder_width)
+    ids, mask = rand_text(b=4)
+    with torch.no_grad():
+        ref_itm, ref_img, ref_txt = small.itm_logits(images, ids, mask), small.encode_image(images), small.encode_text(
+            ids, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            itm, img, txt = small.itm_logits(images, ids, mask), small.encode_image(images), small.encode_text(ids, mask)
+    assert itm.dtype == img.dtype == txt.dtype == torch.float32  # heads and normalisation outside autocast
+    assert not torch.equal(itm, ref_itm)  # bf16 really ran
+    torch.testing.assert_close(itm, ref_itm, atol=0.05 * float(ref_itm.std()) + 1e-3, rtol=0)
+    assert float((img * ref_img).sum(-1).min()) > 0.999 and float((txt * ref_txt).sum(-1).min()) > 0.999
+
+
 def test_config_round_trip():
     assert QFormerConfig.from_dict(SMALL.to_dict()) == SMALL
     with pytest.raises(ValueError, match="unknown"):

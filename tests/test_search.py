@@ -69,13 +69,31 @@ def test_itc_only_equals_brute_force_max_over_queries(searcher):
     assert all(h.itm is None for h in hits)
 
 
-def test_rerank_equals_direct_itm(searcher):
+def test_rerank_equals_direct_itm(index_dir):
+    searcher = Searcher(index_dir, itm_precision="fp32")
     hits = searcher.search("a green thing", k=8, rerank=8)
     model = searcher.model
     for h in hits[:3]:
         feats = searcher.index.features([h.image_id])
         direct = float(model.itm_match_logit(feats, ["a green thing"])[0])
         assert h.itm == pytest.approx(direct, abs=1e-4)  # fp16 feature store vs the same features
+
+
+def test_bf16_rerank_stays_close_to_fp32(index_dir, capsys):
+    fp32 = Searcher(index_dir, itm_precision="fp32").search("a green thing", k=8, rerank=8)
+    bf16 = Searcher(index_dir, itm_precision="bf16").search("a green thing", k=8, rerank=8)
+    by_id = {h.image_id: h for h in fp32}
+    spread = np.ptp([h.itm for h in fp32])
+    for h in bf16:
+        ref = by_id[h.image_id]
+        assert h.itc == ref.itc  # ITC is untouched by the re-ranker's precision
+        assert h.itm != ref.itm or spread == 0  # bf16 really ran (the logits differ in low bits) ...
+        assert abs(h.itm - ref.itm) < 0.02 * max(spread, 1e-3) + 2e-3  # ... and stays within rounding of fp32
+    with pytest.raises(ValueError, match="precision"):
+        Searcher(index_dir, itm_precision="fp8")
+    assert main(["search", str(index_dir), "a green thing", "-k", "3", "--itm-precision", "fp32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [h["itm"] for h in out] == pytest.approx([h.itm for h in fp32[:3]], abs=1e-6)
 
 
 def test_image_query_finds_itself_first(searcher, collection):
