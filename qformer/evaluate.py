@@ -137,7 +137,8 @@ def evaluate_retrieval(
         results: dict[str, Any] = {"itc": recall_at_k(itc, itc.t(), data.img2txt, data.txt2img)}
         t2 = time.perf_counter()
         if k_test > 0:
-            i2t, t2i = rerank_with_itm(itc, make_itm_fn(model, emb, precision=itm_precision), k=k_test, batch_size=itm_batch_size,
+            itm_fn = make_itm_fn(model, emb, precision=itm_precision)
+            i2t, t2i = rerank_with_itm(itc, itm_fn, k=k_test, batch_size=itm_batch_size,
                                        progress=progress)
             results["itc+itm"] = recall_at_k(i2t, t2i, data.img2txt, data.txt2img)
         t3 = time.perf_counter()

@@ -246,6 +246,12 @@ class QFormer(nn.Module):
             x = layer(x, mask, num_queries, layer_kv, same_rows=same and i == 0)
         return x
 
+    def _head(self, linear: nn.Module, x: Tensor) -> Tensor:
+        """linear(x) outside any autocast, in the Q-Former's own dtype (the embeddings' LayerNorm is in every
+        copy of it, also the packed text path)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return linear(x.to(self.embeddings.norm.weight.dtype))
+
     # ---- public task functions ----------------------------------------------------------------------
     def encode_image(self, image_tokens: Tensor) -> Tensor:
         """Image tokens [B,N,C] -> L2-normalised ITC query embeddings [B,Q,D]."""
@@ -258,8 +264,7 @@ class QFormer(nn.Module):
     def itc_image_embeds(self, query_states: Tensor) -> Tensor:
         """Query outputs [B,Q,H] of `query_pass` -> L2-normalised ITC query embeddings [B,Q,D] (fp32 under
         autocast: the cosines divided by temp 0.07 are too sensitive for bf16's 8-bit mantissa)."""
-        with torch.autocast(query_states.device.type, enabled=False):
-            return F.normalize(self.vision_proj(query_states.to(self.embeddings.norm.weight.dtype)), dim=-1)
+        return F.normalize(self._head(self.vision_proj, query_states), dim=-1)
 
     def query_pass(self, kv: CrossKV) -> tuple[Tensor, QueryKV]:
         """The queries alone on an image (ITC's uni-modal image pass): hidden states [B,Q,H] and every
@@ -289,8 +294,7 @@ class QFormer(nn.Module):
         """Token ids [B,L] with mask [B,L] -> L2-normalised ITC embedding of [CLS], [B,D]."""
         input_ids, text_mask = trim_padding(input_ids, text_mask)
         h = self.encode(input_ids, text_mask)
-        with torch.autocast(h.device.type, enabled=False):  # fp32 under autocast, as itc_image_embeds
-            return F.normalize(self.text_proj(h[:, 0].to(self.embeddings.norm.weight.dtype)), dim=-1)
+        return F.normalize(self._head(self.text_proj, h[:, 0]), dim=-1)  # fp32 under autocast, as the image side
 
     def itm_logits(self, image: Tensor | CrossKV, input_ids: Tensor, text_mask: Tensor) -> Tensor:
         """ITM logits [B,2] (no-match, match) for pairs: image tokens [B,N,C] (or `image_kv` output, batch
@@ -299,8 +303,7 @@ class QFormer(nn.Module):
         input_ids, text_mask = trim_padding(input_ids, text_mask)
         h = self.encode(input_ids, text_mask, kv=kv, mask_kind="bidirectional")
         q = self.config.num_query_tokens
-        with torch.autocast(h.device.type, enabled=False):  # the small head in fp32, also under bf16 autocast
-            return self.itm_head(h[:, :q].to(self.embeddings.norm.weight.dtype)).mean(dim=1)
+        return self._head(self.itm_head, h[:, :q]).mean(dim=1)  # the small head in fp32, also under autocast
 
     def itm_match_logit(self, image: Tensor | CrossKV, input_ids: Tensor, text_mask: Tensor) -> Tensor:
         """The raw match logit [B] that the paper's retrieval score adds to the ITC cosine."""
