@@ -520,7 +520,7 @@ class Stage2Config:
     grad_clip: float = 0.0  # max gradient norm; 0: off
     # runtime
     device: str = "auto"  # auto: cuda if available, else cpu
-    precision: str = "auto"  # fp32 | bf16 | fp16 (autocast; fp16 CUDA only); auto: bf16 on GPUs that have it, fp32 on CPU
+    precision: str = "auto"  # fp32 | bf16 | fp16 (autocast; fp16 CUDA only); auto: bf16 where native (GPU or CPU)
     num_workers: int = 0  # DataLoader workers (image decoding in --no-cache mode)
     seed: int = 0  # data order, augmentation, dropout, prefix splits and llm_proj init derive from it
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise resume on CUDA (slower)
@@ -591,9 +591,10 @@ def train_stage2(cfg: Stage2Config, pairs: CaptionPairs | None = None) -> Path:
     model.train()  # dropout in the Q-Former; LLM and encoder stay in eval mode
     trainable = model.trainable()
     optimizer = make_optimizer(trainable, cfg)
-    # auto on a CPU stays fp32 here until a longer A/B says otherwise: over the first 30 steps from the same
-    # stage-1 model, bf16 ran 2.2x faster with an LM loss 0.04 higher on average (6 logged points, 4 of them higher)
-    precision = "fp32" if cfg.precision == "auto" and device.type == "cpu" else cfg.precision
+    # auto: bf16 where the device has it natively, CPUs included. Over the first 30 steps from the same stage-1
+    # model, bf16 ran 2.2x faster with an LM loss 0.04 higher per step on average; at equal time it is far ahead
+    # (bf16 5.24 at step 30, fp32 5.76 at step 15, the step it reaches in that time)
+    precision = cfg.precision
     use_amp, amp_dtype, scaler = mixed_precision(precision, device)
     logger.info("precision: %s", f"{amp_dtype} autocast on {device.type}" if use_amp else "fp32")
     start_step = restore_train_state(resume_dir, optimizer, scaler, cfg)
