@@ -133,12 +133,19 @@ class QFormerLayer(nn.Module):
         self.ffn_text = FeedForward(config)
 
     def forward(self, x: Tensor, mask: Tensor | None, num_queries: int, kv: tuple[Tensor, Tensor] | None,
-                self_kv: tuple[Tensor, Tensor] | None = None, same_rows: bool = False) -> Tensor:
+                self_kv: tuple[Tensor, Tensor] | None = None, same_rows: bool = False,
+                queries_only: bool = False) -> Tensor:
         """x [B,Q+L,H] -> [B,Q+L,H]. kv: this layer's image keys/values (cross layers with queries only);
         self_kv: the self-attention's keys/values when the caller has them (default: from x); same_rows: every
         row of x and mask is the same (one text against many images, before any cross-attention), so the
-        self-attention and the text FFN run on one row and are broadcast."""
+        self-attention and the text FFN run on one row and are broadcast. queries_only: return the query
+        positions alone [B,Q,H] (the last layer under ITM, whose head reads only those); the text still serves
+        as keys and values."""
         b = x.shape[0]
+        if queries_only:
+            k, v = self.attn.kv(x) if self_kv is None else self_kv
+            queries = self.attn(x[:, :num_queries], None if mask is None else mask[:, :, :num_queries], kv=(k, v))
+            return self.ffn_query(self.cross(queries, kv=kv) if self.cross is not None else queries)
         if same_rows and self_kv is None:
             x = self.attn(x[:1], None if mask is None else mask[:1]).expand(b, -1, -1)
         else:
@@ -218,10 +225,12 @@ class QFormer(nn.Module):
         kv: CrossKV | None = None,
         mask_kind: MaskKind = "bidirectional",
         batch_size: int | None = None,
+        queries_out: bool = False,
     ) -> Tensor:
         """Hidden states [B,Q+L,H] for queries (when kv is given) followed by text (when input_ids is given).
 
-        kv comes from `image_kv` and may have batch 1 for a batch of texts against one image.
+        kv comes from `image_kv` and may have batch 1 for a batch of texts against one image. queries_out: return
+        the query positions alone [B,Q,H]; the last layer then skips the text's own outputs (ITM).
         """
         if kv is None and input_ids is None:
             raise ValueError("encode needs image keys/values, text, or both")
@@ -241,10 +250,12 @@ class QFormer(nn.Module):
         # rows are all equal (learned queries + that text), so its self-attention runs once (exact)
         same = (not self.training and input_ids is not None and x.shape[0] > 1
                 and bool((input_ids == input_ids[:1]).all()) and bool((text_mask == text_mask[:1]).all()))
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_kv = next(kv_iter) if (layer.cross is not None and kv_iter is not None) else None
-            x = layer(x, mask, num_queries, layer_kv, same_rows=same and i == 0)
-        return x
+            only = queries_out and i == last
+            x = layer(x, mask, num_queries, layer_kv, same_rows=same and i == 0 and not only, queries_only=only)
+        return x[:, :num_queries] if queries_out else x
 
     def _head(self, linear: nn.Module, x: Tensor) -> Tensor:
         """linear(x) outside any autocast, in the Q-Former's own dtype (the embeddings' LayerNorm is in every
@@ -301,9 +312,8 @@ class QFormer(nn.Module):
         B or 1) with texts [B,L]. Queries and text see each other; the head is averaged over queries."""
         kv = self.image_kv(image) if isinstance(image, Tensor) else image
         input_ids, text_mask = trim_padding(input_ids, text_mask)
-        h = self.encode(input_ids, text_mask, kv=kv, mask_kind="bidirectional")
-        q = self.config.num_query_tokens
-        return self._head(self.itm_head, h[:, :q]).mean(dim=1)  # the small head in fp32, also under autocast
+        h = self.encode(input_ids, text_mask, kv=kv, mask_kind="bidirectional", queries_out=True)  # [B,Q,H]
+        return self._head(self.itm_head, h).mean(dim=1)  # the small head in fp32, also under autocast
 
     def itm_match_logit(self, image: Tensor | CrossKV, input_ids: Tensor, text_mask: Tensor) -> Tensor:
         """The raw match logit [B] that the paper's retrieval score adds to the ITC cosine."""

@@ -313,14 +313,22 @@ def _top(ids: np.ndarray, base: np.ndarray, n: int, *cols: np.ndarray | None):
     return (ids[order], *(None if c is None else c[order] for c in cols), base[order])
 
 
-def faiss_scores_exact(index: Any) -> bool:
-    """Whether FAISS scores the vectors it returns exactly, i.e. holds them in full: Flat, IVF-Flat (any
-    nprobe: what it misses, re-scoring cannot find) or HNSW-Flat. PQ/SQ codes and transforms are lossy."""
+def _inner_index(index: Any) -> Any:
+    """The index under any IDMap wrappers, downcast to its own class."""
     import faiss
 
     inner = faiss.downcast_index(index)
     while isinstance(inner, faiss.IndexIDMap | faiss.IndexIDMap2):
         inner = faiss.downcast_index(inner.index)
+    return inner
+
+
+def faiss_scores_exact(index: Any) -> bool:
+    """Whether FAISS scores the vectors it returns exactly, i.e. holds them in full: Flat, IVF-Flat (any
+    nprobe: what it misses, re-scoring cannot find) or HNSW-Flat. PQ/SQ codes and transforms are lossy."""
+    import faiss
+
+    inner = _inner_index(index)
     if isinstance(inner, faiss.IndexHNSW):
         inner = faiss.downcast_index(inner.storage)
     return isinstance(inner, faiss.IndexFlat | faiss.IndexIVFFlat)
@@ -339,8 +347,12 @@ def faiss_top_images(index: Any, queries: np.ndarray, n: int, num_images: int, q
     over-fetch vectors until n distinct images are found; each image's first hit is its max score.
     With an approximate index the scores are FAISS's; fewer than n come back when fewer are reachable
     (an IVF index probing some lists)."""
+    import faiss
+
     n = min(n, num_images)
-    fetch = min(max(4 * n, 64), index.ntotal)
+    # the top n*q vectors hold at least n images, so one pass suffices; a trained model's q vectors of one image
+    # lie close together, and a 4n start took 3 passes on a 10k index. HNSW's cost grows with k: it starts at 4n
+    fetch = min(max(4 * n, 64) if isinstance(_inner_index(index), faiss.IndexHNSW) else n * q, index.ntotal)
     while True:
         scores, labels = index.search(queries.astype(np.float32), fetch)
         labels, scores = labels[0], scores[0]

@@ -147,6 +147,17 @@ def test_one_text_against_many_images_shares_the_first_self_attention_exactly(sm
     assert rows_seen[-1] == 2 and not torch.equal(two_texts[0], two_texts[1])  # different texts: no sharing
 
 
+def test_itm_skips_the_last_layers_text_outputs_and_changes_nothing(small):
+    images = torch.randn(3, 10, SMALL.encoder_width)
+    ids, mask = rand_text(b=3)
+    with torch.no_grad():
+        itm = small.itm_logits(images, ids, mask)
+        full = small.encode(ids, mask, kv=small.image_kv(images))  # every position through every layer
+        reference = small.itm_head(full[:, : SMALL.num_query_tokens]).mean(1)
+    assert full.shape[1] > SMALL.num_query_tokens
+    torch.testing.assert_close(itm, reference, atol=1e-6, rtol=0)
+
+
 def test_bf16_autocast_keeps_itm_and_itc_close_and_the_heads_in_fp32(small):
     images = torch.randn(4, 10, SMALL.encoder_width)
     ids, mask = rand_text(b=4)

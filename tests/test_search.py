@@ -209,3 +209,27 @@ def test_hybrid_bm25_over_stored_captions(collection, small_model_dir, tmp_path)
     assert s.search("zebra", k=2, hybrid=True, where="caption LIKE ?", params=["%plain%"])[0].caption.startswith("a plain")
     ranked = s.search_captions(collection / "green.png", k=3)
     assert len(ranked) == 3 and {h.caption for h in ranked} <= set(captions.values())
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_faiss_first_stage_finds_the_best_images_when_each_images_vectors_cluster(factory):
+    # a trained model's 32 query vectors of one image lie close together, so the top vectors belong to few images
+    import faiss
+
+    from search.engine import faiss_top_images
+
+    rng = np.random.default_rng(0)
+    num_images, q, d, n = 300, 8, 16, 40
+    centres = rng.standard_normal((num_images, 1, d))
+    vecs = centres + 0.01 * rng.standard_normal((num_images, q, d))
+    vecs = (vecs / np.linalg.norm(vecs, axis=-1, keepdims=True)).astype(np.float32)
+    index = faiss.index_factory(d, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    if factory.startswith("HNSW"):
+        faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch = 1024  # exhaustive enough
+    index.add_with_ids(vecs.reshape(-1, d), np.repeat(np.arange(num_images), q))
+    t = vecs[7, 0][None]
+    ids, scores = faiss_top_images(index, t, n, num_images, q)
+    exact = (vecs @ t[0]).max(1)
+    assert len(set(ids.tolist())) == n
+    np.testing.assert_array_equal(ids, np.argsort(-exact, kind="stable")[:n])
+    np.testing.assert_allclose(scores, exact[ids], atol=1e-5)
