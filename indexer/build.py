@@ -38,6 +38,7 @@ from indexer.fingerprint import model_fingerprint, model_identity
 from indexer.sources import TAR_SEP, Item, collect, read_item_bytes
 from indexer.writer import IndexWriter
 from qformer.factory import Blip2Retriever
+from qformer.precision import autocast, use_bf16
 from qformer.workers import DECODE_NICE, lower_priority
 
 logger = logging.getLogger(__name__)
@@ -47,13 +48,15 @@ Captioner = Callable[[list[Image.Image]], list[str]]
 
 @dataclass
 class IndexConfig:
-    """How to build an index. Fixed at creation: `feature_dtype`. Changeable on any run: the rest."""
+    """How to build an index. Fixed at creation: `feature_dtype`, `image_precision`. Changeable on any run: the
+    rest."""
 
     batch_size: int = 32  # images per model call
     num_workers: int = 2  # decoding processes (0: decode in the main process)
     commit_every: int = 256  # new images between commits (a kill loses at most this much work) ...
     commit_fraction: float = 0.05  # ... or this fraction of the index, if larger (bounds rewrite cost)
     feature_dtype: str = "fp16"  # "fp16" or "int8" (symmetric, per-token scale)
+    image_precision: str = "auto"  # encoder + query pass arithmetic: fp32 | bf16 | auto (bf16 where native)
     faiss_factory: str = "Flat"  # exact; or an ANN such as "IVF1024,Flat", "HNSW32"
     faiss_params: str = ""  # search-time parameters stored with the index, e.g. "nprobe=16"
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression bombs)
@@ -344,10 +347,12 @@ class _Run:
     @torch.inference_mode()
     def embed(self, pixels: Tensor) -> None:
         t0 = time.perf_counter()
-        tokens = self.model.image_tokens(pixels)  # [B,N,C]
+        precision = self.w.manifest["image_precision"]  # type: ignore[index]
+        tokens = self.model.image_tokens(pixels, precision)  # [B,N,C]
         tok = tokens.float().cpu().numpy()
         t1 = time.perf_counter()
-        emb = self.model.qformer.encode_image(tokens).float().cpu().numpy()  # [B,Q,D]
+        with autocast(self.model.device, precision):
+            emb = self.model.qformer.encode_image(tokens).float().cpu().numpy()  # [B,Q,D]
         t2 = time.perf_counter()
         self.t["encoder"] += t1 - t0
         self.t["qformer"] += t2 - t1
@@ -442,6 +447,8 @@ def build_index(
     items, problems, roots = collect(sources, config.path_column, config.include_hidden)
     t_list = time.perf_counter() - t0
     fingerprint = model_fingerprint(model)
+    # the images of one index are all embedded alike: fixed at creation, bf16 where the device has it natively
+    image_precision = "bf16" if use_bf16(model.device, config.image_precision) else "fp32"
     with store.writer_lock(index_dir):
         store.remove_temp_files(index_dir)
         w = IndexWriter(index_dir, config.keep_generations)
@@ -450,11 +457,16 @@ def build_index(
             if config.feature_dtype != w.manifest["feature_dtype"]:  # type: ignore[index]
                 logger.warning("%s stores %s features; ignoring feature_dtype=%s", index_dir,
                                w.manifest["feature_dtype"], config.feature_dtype)  # type: ignore[index]
+            w.manifest.setdefault("image_precision", "fp32")  # type: ignore[union-attr]  # indexes from before bf16
+            if config.image_precision not in ("auto", w.manifest["image_precision"]):  # type: ignore[index]
+                logger.warning("%s embeds images in %s; ignoring image_precision=%s", index_dir,
+                               w.manifest["image_precision"], config.image_precision)  # type: ignore[index]
         else:
             q = model.qformer.config
             w.setup({"model": {**model_identity(model), "fingerprint": fingerprint},
                      "num_queries": q.num_query_tokens, "embed_dim": q.embed_dim, "token_shape": None,
                      "feature_dtype": config.feature_dtype, "int8_scale": "per-token symmetric, max|x|/127",
+                     "image_precision": image_precision,
                      "faiss": {"factory": config.faiss_factory, "metric": "inner_product",
                                "params": config.faiss_params}})
         fa = w.manifest["faiss"]  # type: ignore[index]

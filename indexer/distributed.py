@@ -19,6 +19,7 @@ FAISS part in RAM. A killed run publishes nothing: the next run starts over.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ from indexer.errors import IndexNotFound, IndexStoreError, ModelMismatch
 from indexer.fingerprint import model_fingerprint, model_identity
 from indexer.sources import TAR_SEP, Item, collect
 from qformer.factory import create_model
+from qformer.precision import autocast, use_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +73,17 @@ def _decode_batch(batch: dict[str, np.ndarray], transform: Callable[[Image.Image
     return cols
 
 
+def image_precision(config: IndexConfig, device: str) -> str:
+    """The arithmetic every actor embeds images in, resolved once by the driver ("bf16" | "fp32")."""
+    return "bf16" if use_bf16(device, config.image_precision) else "fp32"
+
+
 # ---- stage 2: embed and write a part (actors) ---------------------------------------------------------------
 class EmbedParts:
     """A model replica on a Ray worker: each call embeds a batch of decoded images and writes it as one part."""
 
     def __init__(self, model_source: str, fingerprint: str, staging: str, feature_dtype: str, device: str,
-                 batch_size: int, threads: int):
+                 batch_size: int, threads: int, image_precision: str = "fp32"):
         torch.set_num_threads(max(1, threads))
         self.model = create_model(model_source, device)
         got = model_fingerprint(self.model)
@@ -84,6 +91,7 @@ class EmbedParts:
             raise ModelMismatch(f"worker loaded {model_source!r} with fingerprint {got[:12]}, the driver "
                                 f"{fingerprint[:12]}: every node must see the same model")
         self.staging, self.feature_dtype, self.batch_size = Path(staging), feature_dtype, batch_size
+        self.image_precision = image_precision
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -97,8 +105,9 @@ class EmbedParts:
         tokens, embeds = [], []
         for s in range(0, len(pixels), self.batch_size):
             px = torch.from_numpy(np.ascontiguousarray(pixels[s : s + self.batch_size])).to(self.model.device)
-            t = self.model.image_tokens(px)  # [b,N,C]
-            embeds.append(self.model.qformer.encode_image(t).float().cpu().numpy())  # [b,Q,D]
+            t = self.model.image_tokens(px, self.image_precision)  # [b,N,C]
+            with autocast(self.model.device, self.image_precision):
+                embeds.append(self.model.qformer.encode_image(t).float().cpu().numpy())  # [b,Q,D]
             tokens.append(t.float().cpu().numpy())
         part = uuid.uuid4().hex
         stored, scale = store.quantize(np.concatenate(tokens), self.feature_dtype)
@@ -142,6 +151,7 @@ def build_index_ray(
     items, problems, roots = collect(sources, config.path_column, config.include_hidden)
     t_list = time.perf_counter() - t0
     device = "cuda" if gpus_per_actor > 0 else "cpu"
+    config = dataclasses.replace(config, image_precision=image_precision(config, device))  # one for every actor
     model = create_model(model_source, "cpu")
     fingerprint = model_fingerprint(model)
     size = int(model.encoder.image_size)
@@ -200,7 +210,8 @@ def _embed(items: list[Item], model: Any, fingerprint: str, model_source: str, s
                         fn_constructor_kwargs={"model_source": model_source, "fingerprint": fingerprint,
                                                "staging": str(staging), "feature_dtype": config.feature_dtype,
                                                "device": device, "batch_size": config.batch_size,
-                                               "threads": int(cpus_per_actor)})
+                                               "threads": int(cpus_per_actor),
+                                               "image_precision": config.image_precision})
     got: dict[str, list[np.ndarray]] = {c: [] for c in RESULT_COLUMNS}
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for c in RESULT_COLUMNS:
@@ -288,6 +299,7 @@ def _publish(index_dir: Path, staging: Path, items: list[Item], problems: list[t
          "build_seconds": seconds, "next_image_id": len(table), "next_shard": len(shards), "shards": shards,
          "complete": True, "model": {**model_identity(model), "fingerprint": fingerprint}, "num_queries": q,
          "embed_dim": d, "token_shape": _token_shape(index_dir, shards), "feature_dtype": config.feature_dtype,
+         "image_precision": config.image_precision,
          "int8_scale": "per-token symmetric, max|x|/127",
          "faiss": {"factory": config.faiss_factory, "metric": "inner_product", "params": config.faiss_params,
                    "effective": used, "file": store.faiss_file(g), "ntotal": int(trained.ntotal),

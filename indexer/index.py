@@ -151,6 +151,7 @@ class Index:
             "embed_dim": m["embed_dim"],
             "token_shape": m["token_shape"],
             "feature_dtype": m["feature_dtype"],
+            "image_precision": m.get("image_precision", "fp32"),
             "faiss": dict(m["faiss"]),
             "counts": m["counts"],
             "created": m["created"],

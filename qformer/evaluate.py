@@ -60,13 +60,15 @@ def embed_dataset(
     text_batch_size: int = 256,
     num_workers: int = 2,
     progress: bool = True,
+    image_precision: str = "fp32",
 ) -> EmbeddedSet:
-    """ITC embeddings of every image and caption, and the image tokens ITM needs."""
+    """ITC embeddings of every image and caption, and the image tokens ITM needs; the images embedded under
+    `image_precision` (qformer.precision)."""
     loader = DataLoader(ImageFiles(data.image_paths, model.preprocess()), batch_size=batch_size,
                         num_workers=num_workers, persistent_workers=False, worker_init_fn=lower_priority)
     embeds, tokens = [], []
     for pixels in tqdm(loader, desc="images", unit="batch", disable=not progress):
-        e, t = model.embed_images(pixels)
+        e, t = model.embed_images(pixels, image_precision)
         embeds.append(e)
         tokens.append(t)
     ids, mask = model.tokenize(data.texts)
@@ -126,12 +128,15 @@ def evaluate_retrieval(
     num_workers: int = 2,
     progress: bool = True,
     itm_precision: str = "auto",
+    image_precision: str = "auto",
 ) -> dict[str, Any]:
-    """Recall@1/5/10 both ways, ITC-only and ITC+ITM (k_test=0 skips ITM), with timings. itm_precision:
-    the ITM re-ranker's arithmetic (qformer.precision.autocast; auto = bf16 where native, as in search)."""
+    """Recall@1/5/10 both ways, ITC-only and ITC+ITM (k_test=0 skips ITM), with timings. itm_precision, image_precision:
+    the arithmetic of the ITM re-ranker and of the image path (qformer.precision; auto = bf16 where native, as
+    in search and indexing)."""
     t0 = time.perf_counter()
     with torch.inference_mode():
-        emb = embed_dataset(model, data, batch_size, num_workers=num_workers, progress=progress)
+        emb = embed_dataset(model, data, batch_size, num_workers=num_workers, progress=progress,
+                            image_precision=image_precision)
         t1 = time.perf_counter()
         itc = itc_similarity(emb.image_embeds.float(), emb.text_embeds.float())  # [Ni,Nt]
         results: dict[str, Any] = {"itc": recall_at_k(itc, itc.t(), data.img2txt, data.txt2img)}
@@ -144,6 +149,7 @@ def evaluate_retrieval(
         t3 = time.perf_counter()
     results["seconds"] = {"embed": round(t1 - t0, 2), "itc": round(t2 - t1, 2), "itm": round(t3 - t2, 2)}
     results["n_images"], results["n_texts"], results["k_test"] = len(data.image_paths), len(data.texts), k_test
+    results["image_precision"] = "bf16" if use_bf16(model.device, image_precision) else "fp32"
     if k_test > 0:
         results["itm_precision"] = "bf16" if use_bf16(model.device, itm_precision) else "fp32"
     return results

@@ -26,6 +26,7 @@ from qformer.config import DEFAULT_MODEL, MINILM_L6, QFormerConfig
 from qformer.encoders import HFVisionEncoder, ImageEncoder, create_encoder
 from qformer.model import CrossKV, QFormer
 from qformer.packed import fp16_text_encoder, packed_fp16_available
+from qformer.precision import autocast
 from qformer.tokenizer import EVAL_MAX_LENGTH, load_tokenizer, minilm_dir, tokenize
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained offline models shipped with qsearch
@@ -78,16 +79,20 @@ class Blip2Retriever(nn.Module):
         return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
-    def image_tokens(self, pixels: Tensor) -> Tensor:
-        """Pixels [B,3,S,S] -> frozen image tokens [B,N,C]."""
+    def image_tokens(self, pixels: Tensor, precision: str = "fp32") -> Tensor:
+        """Pixels [B,3,S,S] -> frozen image tokens [B,N,C] in the encoder's dtype, computed under `precision`
+        ("fp32" | "bf16" | "auto": bf16 where native, see qformer.precision)."""
         p = pixels.to(self.device, next(self.encoder.parameters()).dtype)
-        return self.encoder(p)
+        with autocast(self.device, precision):
+            return self.encoder(p).to(p.dtype)
 
     @torch.inference_mode()
-    def embed_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """Pixels [B,3,S,S] -> (ITC query embeddings [B,Q,D], frozen image tokens [B,N,C] for ITM)."""
-        tokens = self.image_tokens(pixels)
-        return self.qformer.encode_image(tokens), tokens
+    def embed_images(self, pixels: Tensor, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+        """Pixels [B,3,S,S] -> (ITC query embeddings [B,Q,D], frozen image tokens [B,N,C] for ITM); the encoder
+        and the query pass run under `precision` (the ITC projection stays fp32)."""
+        tokens = self.image_tokens(pixels, precision)
+        with autocast(self.device, precision):
+            return self.qformer.encode_image(tokens), tokens
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> Tensor:

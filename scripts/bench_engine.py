@@ -2,6 +2,7 @@
 ViT-B-32 image-tower anchor on the same images and batch size, query latency p50/p95, index bytes per image.
 
     python scripts/bench_engine.py --images ../shared/data/flickr8k/images --n 512 --out out/bench_engine.json
+    python scripts/bench_engine.py ... --image-precision fp32 bf16   (indexing in both arithmetics, same images)
 
 Query latency is measured two ways:
 - end to end through `Searcher.search` on the index just built (n images);
@@ -26,6 +27,7 @@ from indexer import IndexConfig, build_index
 from qformer.config import DEFAULT_MODEL
 from qformer.evaluate import ImageFiles
 from qformer.factory import create_model
+from qformer.precision import autocast, use_bf16
 from search.engine import Searcher, faiss_top_images
 
 QUERIES = ["a dog runs through the grass", "two children playing on the beach", "a man riding a bike",
@@ -67,6 +69,9 @@ def main() -> None:
     ap.add_argument("--latency-images", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("--rerank", type=int, default=128)
+    ap.add_argument("--image-precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                    help="index once per value (the last index serves the latency part)")
+    ap.add_argument("--itm-precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--out")
     args = ap.parse_args()
     paths = sorted(Path(args.images).glob("*.jpg"))[: args.n]
@@ -74,16 +79,20 @@ def main() -> None:
     res: dict[str, object] = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                               "model": model.name, "images": len(paths), "batch_size": args.batch_size}
 
-    shutil.rmtree(args.index, ignore_errors=True)
-    stats = build_index(model, list(paths), args.index, IndexConfig(batch_size=args.batch_size,
-                                                                    num_workers=args.workers))
-    res["indexing"] = {"images_per_s": round(stats.images_per_s, 2), "seconds": stats.seconds,
-                       "timings_s": stats.timings}
+    res["indexing"] = {}
+    for precision in args.image_precision:
+        shutil.rmtree(args.index, ignore_errors=True)
+        stats = build_index(model, list(paths), args.index, IndexConfig(
+            batch_size=args.batch_size, num_workers=args.workers, image_precision=precision))
+        key = "bf16" if use_bf16(model.device, precision) else "fp32"
+        res["indexing"][f"image_precision={key}"] = {"images_per_s": round(stats.images_per_s, 2),
+                                                     "seconds": stats.seconds, "timings_s": stats.timings}
     size = sum(f.stat().st_size for f in Path(args.index).rglob("*") if f.is_file())
     res["index_bytes_per_image"] = round(size / len(paths))
     res["anchor_vit_b32_images_per_s"] = round(anchor_vit_b32(paths, args.batch_size, args.workers), 2)
 
-    searcher = Searcher(args.index, model=model)
+    searcher = Searcher(args.index, model=model, itm_precision=args.itm_precision)
+    res["itm_precision"] = "bf16" if use_bf16(model.device, args.itm_precision) else "fp32"
     queries = [QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}") for i in range(args.queries)]
     for name, rerank in (("itc_only", 0), (f"itc_itm{args.rerank}", args.rerank)):
         searcher.search(queries[0], rerank=rerank)  # warm-up
@@ -113,7 +122,7 @@ def main() -> None:
         faiss_top_images(big, t[None], args.rerank, args.latency_images, q_)
         t2 = time.perf_counter()
         ids, mask = model.tokenize([qtext])
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(model.device, args.itm_precision):  # as Searcher._itm
             kv = model.qformer.image_kv(feats)
             model.qformer.itm_match_logit(kv, ids.expand(len(feats), -1), mask.expand(len(feats), -1))
         t3 = time.perf_counter()

@@ -84,7 +84,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     from qformer.factory import create_model
 
     cfg = IndexConfig(batch_size=args.batch_size, num_workers=args.workers, feature_dtype=args.feature_dtype,
-                      faiss_factory=args.faiss, faiss_params=args.faiss_params, prune=not args.keep_deleted)
+                      faiss_factory=args.faiss, faiss_params=args.faiss_params, prune=not args.keep_deleted,
+                      image_precision=args.image_precision)
     if args.engine == "ray":
         from indexer.distributed import build_index_ray
 
@@ -161,7 +162,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"model      {info['model']['name']} ({info['model'].get('source')}), fingerprint "
           f"{info['model']['fingerprint'][:12]}")
     print(f"images     {info['counts']['images']}   vectors/image {info['num_queries']} x {info['embed_dim']}   "
-          f"features {info['token_shape']} {info['feature_dtype']}   faiss {info['faiss'].get('factory')}")
+          f"features {info['token_shape']} {info['feature_dtype']}   faiss {info['faiss'].get('factory')}   "
+          f"images embedded in {info['image_precision']}")
     print(f"built      {info['created']}   updated {info['updated']}   build time {info['build_seconds']:.1f} s")
     print(f"skipped    {len(info['skipped'])} files")
     for s in info["skipped"]:
@@ -239,7 +241,8 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
         model.encoder.half()
     res = evaluate_retrieval(model, data, k_test=args.k_test, batch_size=args.batch_size,
                              itm_batch_size=args.itm_batch_size, num_workers=args.workers,
-                             progress=not args.quiet, itm_precision=args.itm_precision)
+                             progress=not args.quiet, itm_precision=args.itm_precision,
+                             image_precision=args.image_precision)
     rows = {k: v for k, v in res.items() if k in ("itc", "itc+itm")}
     out = {"model": model.name, "dataset": args.dataset, "split": args.split, "root": str(args.root),
            "device": str(model.device), **res}
@@ -279,6 +282,12 @@ def _itm_precision_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--itm-precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="ITM re-ranking arithmetic; auto: bf16 where the CPU/GPU has native bf16 (about 1.7x "
                         "faster on CPU), else fp32")
+
+
+def _image_precision_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="arithmetic of the image encoder and the Q-Former's query pass; auto: bf16 where the "
+                        "CPU/GPU has native bf16, else fp32 (an index keeps the one it was created with)")
 
 
 def _dataset_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -325,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="caption with this model instead (implies --captions): a stage-1 model's ITG decoder, or "
                         "the LLM captioner of a stage-2 model such as blip2-tiny-llm")
     i.add_argument("--feature-dtype", default="fp16", choices=["fp16", "int8"], help="ITM feature store precision")
+    _image_precision_argument(i)
     i.add_argument("--faiss", default="Flat", help="FAISS factory string: Flat (exact) or e.g. IVF1024,Flat / HNSW32")
     i.add_argument("--faiss-params", default="", help="search-time FAISS parameters stored with the index, e.g. nprobe=32")
     i.add_argument("--engine", default="local", choices=["local", "ray"],
@@ -404,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
     r.add_argument("--itm-batch-size", type=int, default=128, help="pairs per ITM batch")
     _itm_precision_argument(r)
+    _image_precision_argument(r)
     _run_arguments(r, out_help="write the results as JSON here")
     r.set_defaults(func=cmd_bench_retrieval)
     bc = bsub.add_parser("captions", help="BLEU-4 and CIDEr of a captioner (ITG or LLM) on a captioned split")

@@ -377,9 +377,9 @@ RUNNER = textwrap.dedent("""
     model = create_model(sys.argv[1])
     model.encoder.image_size = int(sys.argv[4])
     fast = model.image_tokens
-    def slow(pixels):  # slow the model down so that the kill lands mid-run
+    def slow(pixels, *args):  # slow the model down so that the kill lands mid-run
         time.sleep(0.15)
-        return fast(pixels)
+        return fast(pixels, *args)
     model.image_tokens = slow
     build_index(model, [sys.argv[2]], sys.argv[3],
                 IndexConfig(batch_size=8, commit_every=8, num_workers=1), progress=False)
@@ -482,7 +482,7 @@ def test_stored_features_match_the_encoder(model, tmp_path, dtype):
     ix = Index.open(tmp_path / "index")
     got = ix.features(ix.image_ids())
     pixels = torch.stack([model.preprocess()(load_image(p)) for p in _paths(ix)])
-    emb, want = model.embed_images(pixels)
+    emb, want = model.embed_images(pixels, ix.manifest["image_precision"])
     rel = float((got - want).norm() / want.norm())
     assert rel < (1e-3 if dtype == "fp16" else 1e-2), rel
     assert np.allclose(ix.embeddings(ix.image_ids()), emb.numpy(), atol=1e-5)
@@ -490,6 +490,28 @@ def test_stored_features_match_the_encoder(model, tmp_path, dtype):
     if dtype == "int8":
         scale = ix.manifest["shards"][0]["files"]["scale"]
         assert np.load(tmp_path / "index" / scale, mmap_mode="r").shape == (3, got.shape[1])
+
+
+def test_image_precision_is_recorded_and_kept_by_later_runs(model, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(3):
+        noise(80 + i).save(d / f"{i}.png")
+    for precision in ("fp32", "bf16"):
+        build_index(model, [d], tmp_path / precision, cfg(image_precision=precision), progress=False)
+    fp32, bf16 = Index.open(tmp_path / "fp32"), Index.open(tmp_path / "bf16")
+    assert (fp32.manifest["image_precision"], bf16.manifest["image_precision"]) == ("fp32", "bf16")
+    assert fp32.info()["image_precision"] == "fp32"
+    e32, e16 = fp32.embeddings(fp32.image_ids()), bf16.embeddings(bf16.image_ids())
+    assert not np.array_equal(e32, e16)  # bf16 really ran ...
+    assert float((e32 * e16).sum(-1).min()) > 0.99  # ... and moved the unit embeddings little
+    # a later run with the default (auto) embeds new images as the index was created: fp32 here
+    noise(90).save(d / "new.png")
+    build_index(model, [d], tmp_path / "fp32", cfg(), progress=False)
+    ix = Index.open(tmp_path / "fp32")
+    assert ix.manifest["image_precision"] == "fp32" and len(ix) == 4
+    pixels = torch.stack([model.preprocess()(load_image(p)) for p in _paths(ix)])
+    assert np.allclose(ix.embeddings(ix.image_ids()), model.embed_images(pixels, "fp32")[0].numpy(), atol=1e-5)
 
 
 # ---- errors and model identity -------------------------------------------------------------------------------
