@@ -38,7 +38,7 @@ from indexer.fingerprint import model_fingerprint, model_identity
 from indexer.sources import TAR_SEP, Item, collect, read_item_bytes
 from indexer.writer import IndexWriter
 from qformer.factory import Blip2Retriever
-from qformer.precision import autocast, use_bf16
+from qformer.precision import autocast, resolve
 from qformer.workers import DECODE_NICE, lower_priority
 
 logger = logging.getLogger(__name__)
@@ -448,7 +448,7 @@ def build_index(
     t_list = time.perf_counter() - t0
     fingerprint = model_fingerprint(model)
     # the images of one index are all embedded alike: fixed at creation, bf16 where the device has it natively
-    image_precision = "bf16" if use_bf16(model.device, config.image_precision) else "fp32"
+    image_precision = resolve(model.device, config.image_precision)
     with store.writer_lock(index_dir):
         store.remove_temp_files(index_dir)
         w = IndexWriter(index_dir, config.keep_generations)

@@ -41,7 +41,7 @@ from indexer.errors import IndexNotFound, IndexStoreError, ModelMismatch
 from indexer.fingerprint import model_fingerprint, model_identity
 from indexer.sources import TAR_SEP, Item, collect
 from qformer.factory import create_model
-from qformer.precision import autocast, use_bf16
+from qformer.precision import autocast, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ def _decode_batch(batch: dict[str, np.ndarray], transform: Callable[[Image.Image
     cols["i"] = np.asarray(batch["i"], np.int64)
     cols["pixels"] = pixels
     return cols
-
-
-def image_precision(config: IndexConfig, device: str) -> str:
-    """The arithmetic every actor embeds images in, resolved once by the driver ("bf16" | "fp32")."""
-    return "bf16" if use_bf16(device, config.image_precision) else "fp32"
 
 
 # ---- stage 2: embed and write a part (actors) ---------------------------------------------------------------
@@ -151,7 +146,7 @@ def build_index_ray(
     items, problems, roots = collect(sources, config.path_column, config.include_hidden)
     t_list = time.perf_counter() - t0
     device = "cuda" if gpus_per_actor > 0 else "cpu"
-    config = dataclasses.replace(config, image_precision=image_precision(config, device))  # one for every actor
+    config = dataclasses.replace(config, image_precision=resolve(device, config.image_precision))  # one for all actors
     model = create_model(model_source, "cpu")
     fingerprint = model_fingerprint(model)
     size = int(model.encoder.image_size)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from qformer.datasets import RetrievalSet
 from qformer.factory import Blip2Retriever
 from qformer.model import CrossKV
-from qformer.precision import autocast, use_bf16
+from qformer.precision import autocast, resolve
 from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
 from qformer.workers import lower_priority
 
@@ -149,7 +149,7 @@ def evaluate_retrieval(
         t3 = time.perf_counter()
     results["seconds"] = {"embed": round(t1 - t0, 2), "itc": round(t2 - t1, 2), "itm": round(t3 - t2, 2)}
     results["n_images"], results["n_texts"], results["k_test"] = len(data.image_paths), len(data.texts), k_test
-    results["image_precision"] = "bf16" if use_bf16(model.device, image_precision) else "fp32"
+    results["image_precision"] = resolve(model.device, image_precision)
     if k_test > 0:
-        results["itm_precision"] = "bf16" if use_bf16(model.device, itm_precision) else "fp32"
+        results["itm_precision"] = resolve(model.device, itm_precision)
     return results

@@ -46,6 +46,11 @@ def use_bf16(device: torch.device | str, precision: str = "auto") -> bool:
     return precision == "bf16" or (precision == "auto" and bf16_native(device))
 
 
+def resolve(device: torch.device | str, precision: str = "auto") -> str:
+    """The arithmetic `precision` means on `device`: "bf16" or "fp32" (for manifests and reports)."""
+    return "bf16" if use_bf16(device, precision) else "fp32"
+
+
 def autocast(device: torch.device | str, precision: str = "auto") -> AbstractContextManager:
     """The context an inference pass runs under: bf16 autocast when `use_bf16(device, precision)`, else none."""
     device = torch.device(device)

@@ -27,7 +27,7 @@ from indexer import IndexConfig, build_index
 from qformer.config import DEFAULT_MODEL
 from qformer.evaluate import ImageFiles
 from qformer.factory import create_model
-from qformer.precision import autocast, use_bf16
+from qformer.precision import autocast, resolve
 from search.engine import Searcher, faiss_top_images
 
 QUERIES = ["a dog runs through the grass", "two children playing on the beach", "a man riding a bike",
@@ -84,7 +84,7 @@ def main() -> None:
         shutil.rmtree(args.index, ignore_errors=True)
         stats = build_index(model, list(paths), args.index, IndexConfig(
             batch_size=args.batch_size, num_workers=args.workers, image_precision=precision))
-        key = "bf16" if use_bf16(model.device, precision) else "fp32"
+        key = resolve(model.device, precision)
         res["indexing"][f"image_precision={key}"] = {"images_per_s": round(stats.images_per_s, 2),
                                                      "seconds": stats.seconds, "timings_s": stats.timings}
     size = sum(f.stat().st_size for f in Path(args.index).rglob("*") if f.is_file())
@@ -92,7 +92,7 @@ def main() -> None:
     res["anchor_vit_b32_images_per_s"] = round(anchor_vit_b32(paths, args.batch_size, args.workers), 2)
 
     searcher = Searcher(args.index, model=model, itm_precision=args.itm_precision)
-    res["itm_precision"] = "bf16" if use_bf16(model.device, args.itm_precision) else "fp32"
+    res["itm_precision"] = resolve(model.device, args.itm_precision)
     queries = [QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}") for i in range(args.queries)]
     for name, rerank in (("itc_only", 0), (f"itc_itm{args.rerank}", args.rerank)):
         searcher.search(queries[0], rerank=rerank)  # warm-up

@@ -28,7 +28,7 @@ import torch
 from qformer.config import DEFAULT_MODEL
 from qformer.datasets import load_retrieval_set
 from qformer.factory import create_model
-from qformer.precision import cpu_bf16_native, use_bf16
+from qformer.precision import cpu_bf16_native, resolve
 from search.engine import Searcher
 from search.evaluate import engine_text_to_image_recall
 
@@ -67,7 +67,7 @@ def main() -> None:
         s = Searcher(path, model=model, rescore=args.rescore, itm_precision=precision)
         row: dict = {"images": len(s.index), "faiss": s.index.manifest["faiss"]["factory"],
                      "faiss_params": s.index.manifest["faiss"].get("params", ""), "approximate": s.approximate,
-                     "itm_precision": "bf16" if use_bf16(model.device, precision) else "fp32"}
+                     "itm_precision": resolve(model.device, precision)}
         s.search(texts[-1], k=10, rerank=max(args.rerank))  # warm-up: memory maps, FAISS, model
         stages: dict[str, list[float]] = {"text_embed": [], "first_stage": [], f"itm_{max(args.rerank)}": []}
         for text in texts[: args.queries]:

@@ -68,7 +68,7 @@ def main() -> None:
 
     from indexer import Index, IndexConfig, build_index
     from qformer.factory import DEFAULT_MODEL, create_model
-    from qformer.precision import use_bf16
+    from qformer.precision import resolve
 
     work = Path(args.work)
     index_dir = work / "index"
@@ -105,7 +105,7 @@ def main() -> None:
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"torch {torch.__version__}, {torch.get_num_threads()} threads",
               "images_indexed": n_indexed, "index_build_s": round(build_s, 1), "app_startup_s": round(startup_s, 2),
-              "queries_per_depth": args.queries, "itm_precision": "bf16" if use_bf16("cpu") else "fp32",
+              "queries_per_depth": args.queries, "itm_precision": resolve("cpu"),
               "latency": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
