@@ -139,6 +139,12 @@ class Index:
                 f"but the query model is {model.name!r} (fingerprint {got[:12]}); use the same model, or "
                 "rebuild the index with this one")
 
+    @property
+    def image_precision(self) -> str:
+        """The arithmetic this index's images were embedded in ("bf16" | "fp32"; indexes from before it was
+        recorded: fp32)."""
+        return self.manifest.get("image_precision", "fp32")
+
     def info(self) -> dict[str, Any]:
         """Summary for `qsearch info`: model, shapes, counts, timings, and every skipped file with its reason."""
         m = self.manifest
@@ -151,7 +157,7 @@ class Index:
             "embed_dim": m["embed_dim"],
             "token_shape": m["token_shape"],
             "feature_dtype": m["feature_dtype"],
-            "image_precision": m.get("image_precision", "fp32"),
+            "image_precision": self.image_precision,
             "faiss": dict(m["faiss"]),
             "counts": m["counts"],
             "created": m["created"],

@@ -107,7 +107,7 @@ class Searcher:
             except (OSError, ValueError) as e:
                 raise QueryError(f"cannot read the query image: {e}") from e
         pixels = self.model.preprocess()(image)[None]
-        embeds, tokens = self.model.embed_images(pixels, self.index.manifest.get("image_precision", "fp32"))
+        embeds, tokens = self.model.embed_images(pixels, self.index.image_precision)
         return embeds[0].float().cpu(), tokens, image
 
     # ---- candidate scoring ---------------------------------------------------------------------------------
