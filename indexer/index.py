@@ -100,20 +100,20 @@ class Index:
     def paths(self, image_ids: np.ndarray | list[int]) -> list[str]:
         return self.rows(image_ids)["path"].to_pylist()
 
-    def features(self, image_ids: np.ndarray | list[int]) -> torch.Tensor:
-        """Frozen-encoder tokens [k,N,C] float32 (dequantised) of these images, for ITM."""
+    def features(self, image_ids: np.ndarray | list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Frozen-encoder tokens [k,N,C] of these images, dequantised to `dtype` (the ITM model's), for ITM."""
         pos = self._positions(image_ids)
         if self.manifest["token_shape"] is None:  # nothing embedded yet
-            return torch.empty(0, 0, 0)
+            return torch.empty(0, 0, 0, dtype=dtype)
         n, c = self.manifest["token_shape"]
         shard, row = self._shard[pos], self._row[pos]
-        out = np.empty((len(pos), n, c), np.float32)
+        out = torch.empty((len(pos), n, c), dtype=dtype)
         for s in np.unique(shard):
             sel = np.nonzero(shard == s)[0]
             f = self._shards[int(s)]
             scale = f["scale"][row[sel]] if "scale" in f else None
-            out[sel] = store.dequantize(f["features"][row[sel]], scale)
-        return torch.from_numpy(out)
+            out[torch.from_numpy(sel)] = store.dequantize_torch(f["features"][row[sel]], scale, dtype)
+        return out
 
     def embeddings(self, image_ids: np.ndarray | list[int]) -> np.ndarray:
         """Stored query embeddings [k,Q,D] float32 of these images."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from indexer.errors import IndexCorrupt, IndexLocked, IndexNotFound
 
@@ -236,6 +237,16 @@ def quantize(tokens: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | N
         q = np.clip(np.rint(x / scale[..., None]), -127, 127).astype(np.int8)
         return q, scale
     raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, not {dtype!r}")
+
+
+def dequantize_torch(stored: np.ndarray, scale: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor:
+    """Stored tokens [k,N,C] (+ int8 scales [k,N]) -> `dtype` [k,N,C]: the same values as `dequantize(...)`
+    followed by a cast, without the float32 copy of fp16 tokens (a bf16 re-ranker reads them 4x faster)."""
+    x = torch.from_numpy(np.ascontiguousarray(stored))
+    if scale is None:
+        return x.to(dtype)
+    s = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32))[..., None]  # [k,N,1]
+    return torch.mul(x, s).to(dtype)
 
 
 def dequantize(stored: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:

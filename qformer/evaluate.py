@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from qformer.datasets import RetrievalSet
 from qformer.factory import Blip2Retriever
 from qformer.model import CrossKV
-from qformer.precision import autocast, resolve
+from qformer.precision import resolve
 from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
 from qformer.workers import lower_priority
 
@@ -92,19 +92,20 @@ def make_itm_fn(
     Cross-attention keys/values are text-independent: a batch whose pairs share one image computes them
     once; when all images' keys/values fit in `kv_cache_bytes` they are computed once for the whole run.
     """
-    q = model.qformer
-    n_img, n_tok = emb.image_tokens.shape[:2]
+    q = model.itm_encoder(precision)  # as the search engine re-ranks (bf16 weights where bf16 is native)
+    tokens = emb.image_tokens.to(q.ln_vision.weight.dtype)
+    n_img, n_tok = tokens.shape[:2]
     cache: CrossKV | None = None
-    if n_img * kv_bytes_per_image(model, n_tok, emb.image_tokens.element_size()) <= kv_cache_bytes:
-        with torch.inference_mode(), autocast(model.device, precision):
-            chunks = [q.image_kv(emb.image_tokens[i : i + 64]) for i in range(0, n_img, 64)]
+    if n_img * kv_bytes_per_image(model, n_tok, tokens.element_size()) <= kv_cache_bytes:
+        with torch.inference_mode():
+            chunks = [q.image_kv(tokens[i : i + 64]) for i in range(0, n_img, 64)]
         cache = [(torch.cat([c[j][0] for c in chunks]), torch.cat([c[j][1] for c in chunks]))
                  for j in range(len(chunks[0]))]
 
     def image_kv(idx: Tensor) -> CrossKV:
         if cache is not None:
             return [(k[idx], v[idx]) for k, v in cache]
-        return q.image_kv(emb.image_tokens[idx])
+        return q.image_kv(tokens[idx])
 
     @torch.inference_mode()
     def itm_fn(image_idx: Tensor, text_idx: Tensor) -> Tensor:
@@ -112,9 +113,8 @@ def make_itm_fn(
         length = int(mask.sum(1).max())  # trim padding columns shared by the whole batch
         ids, mask = emb.text_ids[text_idx, :length], mask[:, :length]
         shared = bool((image_idx == image_idx[0]).all())
-        with autocast(model.device, precision):
-            kv = image_kv(image_idx[:1] if shared else image_idx)
-            return q.itm_match_logit(kv, ids, mask).float()
+        kv = image_kv(image_idx[:1] if shared else image_idx)
+        return q.itm_match_logit(kv, ids, mask).float()
 
     return itm_fn
 

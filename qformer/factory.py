@@ -25,8 +25,8 @@ from qformer import checkpoints as ckpt
 from qformer.config import DEFAULT_MODEL, MINILM_L6, QFormerConfig
 from qformer.encoders import HFVisionEncoder, ImageEncoder, create_encoder
 from qformer.model import CrossKV, QFormer
-from qformer.packed import fp16_text_encoder, packed_fp16_available
-from qformer.precision import autocast
+from qformer.packed import bf16_itm_encoder, fp16_text_encoder, packed_fp16_available
+from qformer.precision import autocast, use_bf16
 from qformer.tokenizer import EVAL_MAX_LENGTH, load_tokenizer, minilm_dir, tokenize
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained offline models shipped with qsearch
@@ -107,11 +107,25 @@ class Blip2Retriever(nn.Module):
         q = self.qformer
         if self.device.type != "cpu" or q.query_tokens.dtype != torch.float32 or not packed_fp16_available():
             return q
+        return self._inference_copy("_packed_text", fp16_text_encoder)
+
+    def itm_encoder(self, precision: str = "auto") -> QFormer:
+        """What ITM re-ranking runs (`image_kv`, then `itm_match_logit`), with no autocast around it: where
+        `precision` means bf16 (qformer.precision), a bf16 copy of the Q-Former (qformer/packed.py), rebuilt
+        whenever the Q-Former's weights change; else the Q-Former itself. Its inputs go in its dtype
+        (`ln_vision.weight.dtype`)."""
+        if not use_bf16(self.device, precision) or self.qformer.query_tokens.dtype == torch.bfloat16:
+            return self.qformer
+        return self._inference_copy("_bf16_itm", bf16_itm_encoder)
+
+    def _inference_copy(self, key: str, build: Callable[[QFormer], QFormer]) -> QFormer:
+        """build(qformer), cached under key until the Q-Former's weights change."""
+        q = self.qformer
         version = tuple((id(p), p._version) for p in q.parameters())  # in-place updates bump _version
-        cached = self.__dict__.get("_packed_text")  # a plain attribute: not a submodule, not in state_dict
+        cached = self.__dict__.get(key)  # a plain attribute: not a submodule, not in state_dict
         if cached is None or cached[0] != version:
-            cached = (version, fp16_text_encoder(q))
-            self.__dict__["_packed_text"] = cached
+            cached = (version, build(q))
+            self.__dict__[key] = cached
         return cached[1]
 
     @torch.inference_mode()

@@ -27,7 +27,7 @@ from indexer import IndexConfig, build_index
 from qformer.config import DEFAULT_MODEL
 from qformer.evaluate import ImageFiles
 from qformer.factory import create_model
-from qformer.precision import autocast, resolve
+from qformer.precision import resolve
 from search.engine import Searcher, faiss_top_images
 
 QUERIES = ["a dog runs through the grass", "two children playing on the beach", "a man riding a bike",
@@ -112,7 +112,8 @@ def main() -> None:
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     big = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     big.add_with_ids(vecs, np.repeat(np.arange(args.latency_images), q_))
-    feats = searcher.index.features(searcher.index.image_ids()[: min(args.rerank, len(paths))])
+    itm = model.itm_encoder(args.itm_precision)  # as Searcher._itm
+    feats = searcher.index.features(searcher.index.image_ids()[: min(args.rerank, len(paths))], itm.ln_vision.weight.dtype)
     feats = feats[torch.arange(args.rerank) % len(feats)]
     t_text, t_faiss, t_itm = [], [], []
     for qtext in queries:
@@ -122,9 +123,8 @@ def main() -> None:
         faiss_top_images(big, t[None], args.rerank, args.latency_images, q_)
         t2 = time.perf_counter()
         ids, mask = model.tokenize([qtext])
-        with torch.inference_mode(), autocast(model.device, args.itm_precision):  # as Searcher._itm
-            kv = model.qformer.image_kv(feats)
-            model.qformer.itm_match_logit(kv, ids.expand(len(feats), -1), mask.expand(len(feats), -1))
+        with torch.inference_mode():
+            itm.itm_match_logit(itm.image_kv(feats), ids.expand(len(feats), -1), mask.expand(len(feats), -1))
         t3 = time.perf_counter()
         t_text.append(t1 - t0)
         t_faiss.append(t2 - t1)

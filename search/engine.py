@@ -28,7 +28,7 @@ from PIL import Image
 
 from indexer import Index, load_image
 from qformer.factory import Blip2Retriever, create_model
-from qformer.precision import autocast, use_bf16
+from qformer.precision import use_bf16
 
 BASE_COLUMNS = ("image_id", "path", "source", "sha256", "size", "mtime", "width", "height", "format",
                 "caption", "indexed_at", "shard", "row")
@@ -133,12 +133,12 @@ class Searcher:
 
     def _itm(self, image_ids: np.ndarray, text: str, batch: int = 128) -> np.ndarray:
         """ITM match logits of the text against these images."""
-        q, out = self.model.qformer, []
+        q, out = self.model.itm_encoder(self.itm_precision), []  # bf16 weights where bf16 is native
         ids, mask = self.model.tokenize([" ".join(text.split())])
-        with torch.inference_mode(), autocast(self.model.device, self.itm_precision):
+        with torch.inference_mode():
             for i in range(0, len(image_ids), batch):
                 chunk = image_ids[i : i + batch]
-                kv = q.image_kv(self.index.features(chunk).to(self.model.device))
+                kv = q.image_kv(self.index.features(chunk, q.ln_vision.weight.dtype).to(self.model.device))
                 out.append(q.itm_match_logit(kv, ids.expand(len(chunk), -1), mask.expand(len(chunk), -1)))
         return torch.cat(out).float().cpu().numpy() if out else np.empty(0, np.float32)
 

@@ -195,6 +195,36 @@ def test_compact_checkpoint_is_smaller_and_scores_alike(small_model_dir, tmp_pat
     assert torch.equal(sims[0].argmax(1), sims[1].argmax(1))
 
 
+def test_bf16_itm_encoder_is_a_bf16_copy_that_follows_weight_changes(small_model_dir):
+    """ITM re-ranking in bf16 runs a bf16 copy of the Q-Former (no autocast): close to fp32, its ITM head in
+    fp32, rebuilt when the weights change, never in the state dict; fp32 runs the Q-Former itself."""
+    from qformer.factory import create_model
+
+    model = create_model(small_model_dir)
+    assert model.itm_encoder("fp32") is model.qformer
+    itm = model.itm_encoder("bf16")
+    assert itm.ln_vision.weight.dtype == torch.bfloat16 and itm.itm_head.weight.dtype == torch.float32
+    assert model.itm_encoder("bf16") is itm and not itm.training
+    torch.manual_seed(0)
+    tokens = torch.randn(6, 9, model.qformer.config.encoder_width)
+    ids, mask = model.tokenize(["a dog on the grass"])
+
+    def logits(q: QFormer) -> torch.Tensor:
+        with torch.inference_mode():
+            kv = q.image_kv(tokens.to(q.ln_vision.weight.dtype))
+            return q.itm_match_logit(kv, ids.expand(6, -1), mask.expand(6, -1))
+
+    ref, got = logits(model.qformer), logits(itm)
+    assert got.dtype == torch.float32 and not torch.equal(got, ref)
+    assert (got - ref).abs().max() < 0.05 * (ref.max() - ref.min()) + 1e-2
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        model.qformer.itm_head.bias.add_(1.0)
+    assert model.itm_encoder("bf16") is not itm
+    assert (logits(model.itm_encoder("bf16")) - got).mean() == pytest.approx(1.0, abs=0.02)
+    assert set(model.state_dict()) == keys
+
+
 def test_cpu_text_embeddings_use_packed_fp16_weights_and_follow_weight_changes(small_model_dir):
     """On CPU, embed_texts runs the text path with fbgemm-packed fp16 weights (qformer/packed.py): within
     2e-4 of the fp32 Q-Former, rebuilt when the weights change, and never part of the state dict."""
@@ -221,3 +251,25 @@ def test_cpu_text_embeddings_use_packed_fp16_weights_and_follow_weight_changes(s
     assert (changed - got).abs().max() > 1e-3
     assert (changed - fp32()).abs().max() < 2e-4
     assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("kind", ["unimodal", "bidirectional", "causal"])
+def test_bf16_cpu_attention_matches_sdpa_under_every_mask(kind):
+    # bf16 inference on CPU computes attention itself (two products around a softmax); it must agree with
+    # torch's fp32 attention to bf16 rounding under each mask, with padded keys never attended
+    import torch.nn.functional as F
+
+    from qformer.model import bf16_cpu_attention
+
+    torch.manual_seed(0)
+    ids, text_mask = rand_text()
+    mask = attention_mask(kind, 6, text_mask)  # [3,1,15,15]
+    q, k, v = (2 * torch.randn(3, 4, 15, 16) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = bf16_cpu_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=0.08, rtol=0.02)
+    unmasked = F.scaled_dot_product_attention(q, k, v)
+    assert (unmasked - ref).abs().max() > 0.5  # the mask matters at this size, so the comparison can fail
+    assert torch.equal(bf16_cpu_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None),
+                       bf16_cpu_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.ones_like(mask)))
