@@ -240,8 +240,8 @@ def quantize(tokens: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | N
 
 
 def dequantize_torch(stored: np.ndarray, scale: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor:
-    """Stored tokens [k,N,C] (+ int8 scales [k,N]) -> `dtype` [k,N,C]: the same values as `dequantize(...)`
-    followed by a cast, without the float32 copy of fp16 tokens (a bf16 re-ranker reads them 4x faster)."""
+    """Stored tokens [k,N,C] (+ int8 scales [k,N]) -> `dtype` [k,N,C], rounded once: fp16 tokens go straight
+    to a bf16 re-ranker's dtype, with no float32 copy (about 3x faster for 128 images)."""
     x = torch.from_numpy(np.ascontiguousarray(stored))
     if scale is None:
         return x.to(dtype)
@@ -251,7 +251,4 @@ def dequantize_torch(stored: np.ndarray, scale: np.ndarray | None, dtype: torch.
 
 def dequantize(stored: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
     """Stored tokens [k,N,C] (+ int8 scales [k,N]) -> float32 [k,N,C]."""
-    x = np.asarray(stored).astype(np.float32)
-    if scale is not None:
-        x *= np.asarray(scale, dtype=np.float32)[..., None]
-    return x
+    return dequantize_torch(stored, scale, torch.float32).numpy()
