@@ -61,6 +61,7 @@ from qformer.evaluate import EmbeddedSet, make_itm_fn
 from qformer.factory import Blip2Retriever, create_model
 from qformer.features import INDEX, FeatureCache, read_image
 from qformer.losses import Stage1Objective
+from qformer.malloc import keep_freed_memory
 from qformer.model import QFormer
 from qformer.plot import read_metrics, write_metrics_svg
 from qformer.precision import bf16_native
@@ -808,6 +809,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="python -m qformer.train", description=__doc__.split("\n")[0]))
     cfg = config_from_args(parser.parse_args(argv))
+    keep_freed_memory()  # a step reuses the last step's freed activations (README, "Allocator")
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports progress
     tag = f" [rank {rank}]" if rank else ""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

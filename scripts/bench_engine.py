@@ -27,6 +27,7 @@ from indexer import IndexConfig, build_index
 from qformer.config import DEFAULT_MODEL
 from qformer.evaluate import ImageFiles
 from qformer.factory import create_model
+from qformer.malloc import keep_freed_memory
 from qformer.precision import resolve
 from search.engine import Searcher, faiss_top_images
 
@@ -59,6 +60,7 @@ def anchor_vit_b32(paths: list[Path], batch_size: int, workers: int) -> float:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the qsearch CLI and the UI do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", required=True, help="a folder of images")
     ap.add_argument("--n", type=int, default=512, help="images to index")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 from qformer import checkpoints as ckpt
+from qformer.malloc import keep_freed_memory
 from qformer.model import QFormer
 from qformer.tokenizer import load_tokenizer, tokenize
 
@@ -88,6 +89,7 @@ def timeit(fn, repeats: int, device: str) -> tuple[float, object]:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the qsearch CLI and the UI do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

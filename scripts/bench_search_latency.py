@@ -28,6 +28,7 @@ import torch
 from qformer.config import DEFAULT_MODEL
 from qformer.datasets import load_retrieval_set
 from qformer.factory import create_model
+from qformer.malloc import keep_freed_memory
 from qformer.precision import cpu_bf16_native, resolve
 from search.engine import Searcher
 from search.evaluate import engine_text_to_image_recall
@@ -39,6 +40,7 @@ def ms(xs: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the qsearch CLI and the UI do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", nargs="+", required=True)
     ap.add_argument("--root", default="../shared/data/flickr8k", help="Flickr8k (dev captions are the queries)")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from qformer.malloc import keep_freed_memory
+
 QUERIES = ["a dog runs through the grass", "two children playing on the beach", "a man riding a bike",
            "a woman in a red dress", "people standing in front of a building", "a black dog with a ball",
            "a boy jumps into the water", "a group of people on a snowy mountain", "a girl on a swing",
@@ -53,6 +55,7 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the qsearch CLI and the UI do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default="../shared/data/flickr8k/images")
     ap.add_argument("--n", type=int, default=10_000)

@@ -16,11 +16,13 @@ from qformer.config import DEFAULT_MODEL
 from qformer.datasets import load_retrieval_set
 from qformer.evaluate import evaluate_retrieval
 from qformer.factory import create_model
+from qformer.malloc import keep_freed_memory
 from search.engine import Searcher
 from search.evaluate import engine_text_to_image_recall
 
 
 def main() -> None:
+    keep_freed_memory()  # as the qsearch CLI and the UI do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="flickr8k")
     ap.add_argument("--root", required=True)
