@@ -254,22 +254,48 @@ def test_cpu_text_embeddings_use_packed_fp16_weights_and_follow_weight_changes(s
 
 
 @pytest.mark.parametrize("kind", ["unimodal", "bidirectional", "causal"])
-def test_bf16_cpu_attention_matches_sdpa_under_every_mask(kind):
+def test_cpu_attention_matches_sdpa_under_every_mask(kind):
     # bf16 inference on CPU computes attention itself (two products around a softmax); it must agree with
     # torch's fp32 attention to bf16 rounding under each mask, with padded keys never attended
     import torch.nn.functional as F
 
-    from qformer.model import bf16_cpu_attention
+    from qformer.model import cpu_attention
 
     torch.manual_seed(0)
     ids, text_mask = rand_text()
     mask = attention_mask(kind, 6, text_mask)  # [3,1,15,15]
     q, k, v = (2 * torch.randn(3, 4, 15, 16) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    got = bf16_cpu_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    got = cpu_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, atol=0.08, rtol=0.02)
     unmasked = F.scaled_dot_product_attention(q, k, v)
     assert (unmasked - ref).abs().max() > 0.5  # the mask matters at this size, so the comparison can fail
-    assert torch.equal(bf16_cpu_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None),
-                       bf16_cpu_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.ones_like(mask)))
+    assert torch.equal(cpu_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None),
+                       cpu_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.ones_like(mask)))
+
+
+def test_dropout_drops_p_scales_the_rest_and_follows_the_seed():
+    # the CPU dropout of training (a cheaper mask than F.dropout's): same law, same gradient, seeded by torch
+    from qformer.model import cpu_attention, dropout
+
+    x = torch.randn(64, 12, 50, 50, requires_grad=True)
+    torch.manual_seed(1)
+    y = dropout(x, 0.1, True)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.002  # 1.5M draws: the drop rate is 0.1
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    # independent elements, also the four that share one 64-bit random word: P(>= 2 of 4 dropped) = 0.0523
+    two_or_more = ((~kept).reshape(-1, 4).sum(dim=1) >= 2).float().mean().item()
+    assert abs(two_or_more - (1 - 0.9**4 - 4 * 0.1 * 0.9**3)) < 0.003
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, 0.1, True), y)  # resume replays the same masks
+    assert not torch.equal(dropout(x, 0.1, True), y)
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+    # attention dropout: each row of probabilities keeps its mass in expectation (dropped, the rest scaled)
+    q, k, v = torch.randn(2, 4, 30, 16), torch.randn(2, 4, 30, 16), torch.ones(2, 4, 30, 16)
+    mass = cpu_attention(q, k, v, None, 0.1)[..., 0]  # v = 1: each output is the row's kept probability mass
+    assert abs(mass.mean().item() - 1) < 0.05 and mass.std().item() > 0.01 and mass.max() <= 1 / 0.9 + 1e-5
+    torch.testing.assert_close(cpu_attention(q, k, v, None, 0.0)[..., 0], torch.ones(2, 4, 30))
