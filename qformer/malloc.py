@@ -5,7 +5,9 @@ freed, so every step of an ITM re-rank or a training loop faults in, zero-fills 
 tens of megabytes of activations. On the project's 2-core VM that page-fault traffic cost about a sixth of
 an ITM@128 re-rank and a fifth of a stage-1 step (README, "Allocator"). `keep_freed_memory` turns it off
 for the calling process: blocks come from the heap and stay there when freed, so the next step reuses
-pages that are already mapped. The process keeps its peak heap size until it exits.
+pages that are already mapped. The price is memory: the process keeps its peak heap until it exits, and
+varying shapes fragment it (a stage-1 trainer of blip2-tiny grew to about 1 GB more than with glibc's
+default). `QSEARCH_MALLOC=default` in the environment leaves glibc as it is.
 
 qsearch's entry points (`qsearch …`, the Streamlit app, the benchmark scripts) call it once at start; a
 program that uses qsearch as a library may call it too.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_MAX = -4
@@ -25,9 +28,10 @@ _NEVER_TRIM = 2**31 - 1  # bytes of free heap top kept before trimming (mallopt 
 @functools.cache
 def keep_freed_memory() -> bool:
     """Serve every allocation from the heap and never trim it (glibc only). True when applied, False where
-    the C library is not glibc (then nothing changes). Process-wide and idempotent."""
+    the C library is not glibc, or QSEARCH_MALLOC=default is set (then nothing changes). Process-wide and
+    idempotent."""
     name = ctypes.util.find_library("c")
-    if name is None:
+    if name is None or os.environ.get("QSEARCH_MALLOC") == "default":
         return False
     try:
         libc = ctypes.CDLL(name)

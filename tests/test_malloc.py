@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,10 @@ def test_keep_freed_memory_stops_refaulting_large_blocks() -> None:
     default, kept = _faults("default"), _faults("keep")
     assert default > 35 * pages  # glibc's default: every step maps and faults in its 64 MB afresh
     assert kept < 10 * pages  # kept: after a few steps the heap's pages are reused (measured: 5 x 64 MB in all)
+
+
+def test_qsearch_malloc_default_leaves_glibc_alone() -> None:
+    code = "from qformer.malloc import keep_freed_memory; print(keep_freed_memory())"
+    env = {**os.environ, "QSEARCH_MALLOC": "default"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"
