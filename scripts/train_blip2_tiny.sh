@@ -9,6 +9,7 @@
 #   INIT=blip2-tiny-init-lite2 RUN=runs/blip2-tiny-lite2 bash scripts/train_blip2_tiny.sh   (the Lite2 tower:
 #     better than Lite0 at equal steps, see the model card; its own run directory, as the feature cache differs)
 set -euo pipefail
+# python -m qformer.train|stage2 (not `qsearch train`): their mains call qformer.malloc.keep_freed_memory
 F8K=${F8K:-../shared/data/flickr8k}
 RUN=${RUN:-runs/blip2-tiny}
 BIN=${BIN:-.venv/bin}
@@ -19,7 +20,7 @@ STAGE1_LR=${STAGE1_LR:-5e-4}  # peak; 1e-4 (LAVIS, for batch 1680 over 250k step
 STAGE2_STEPS=${STAGE2_STEPS:-200}
 K_TEST=${K_TEST:-8}  # ITM re-ranking depth of the dev evaluation (the paper's 128 takes hours on a CPU)
 export HF_HUB_OFFLINE=1
-"$BIN/qsearch" train stage1 --data-root "$F8K" --split train --model "$INIT" --device "$DEVICE" \
+"$BIN/python" -m qformer.train --data-root "$F8K" --split train --model "$INIT" --device "$DEVICE" \
   --batch-size 32 --max-steps "$STAGE1_STEPS" --warmup-steps 50 --lr "$STAGE1_LR" --min-lr 1e-5 --seed 0 \
   --checkpoint-every 50 --out-dir "$RUN/stage1" --cache-dir "$RUN/features" --no-progress --resume
 "$BIN/python" - "$RUN/stage1/checkpoints/step_$(printf %07d "$STAGE1_STEPS")" <<'PY'
@@ -31,7 +32,7 @@ print("wrote", model.save_pretrained(WEIGHTS_DIR / "blip2-tiny", compact=True))
 PY
 "$BIN/qsearch" bench retrieval --dataset flickr8k --root "$F8K" --split dev --model blip2-tiny --k-test "$K_TEST" \
   --device "$DEVICE" --out out/blip2-tiny-dev.json
-"$BIN/qsearch" train stage2 --data-root "$F8K" --split train --model blip2-tiny --llm smollm2 --device "$DEVICE" \
+"$BIN/python" -m qformer.stage2 --data-root "$F8K" --split train --model blip2-tiny --llm smollm2 --device "$DEVICE" \
   --batch-size 32 --max-steps "$STAGE2_STEPS" --warmup-steps 20 --lr 1e-4 --min-lr 1e-5 --seed 0 \
   --checkpoint-every 25 --log-every 5 --out-dir "$RUN/stage2" --cache-dir "$RUN/features" --no-progress --resume
 "$BIN/python" - "$RUN/stage2/checkpoints/step_$(printf %07d "$STAGE2_STEPS")" <<'PY'

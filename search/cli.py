@@ -208,10 +208,8 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     """Stage-1 training (ITC + ITM + ITG) of the Q-Former."""
     import logging
 
-    from qformer.malloc import keep_freed_memory
     from qformer.train import config_from_args, train
 
-    keep_freed_memory()  # a step reuses the last step's freed activations (README, "Training")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"final checkpoint: {train(config_from_args(args))}")
     return 0
@@ -221,10 +219,8 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     """Stage-2 training: Q-Former soft prompts into a frozen LLM."""
     import logging
 
-    from qformer.malloc import keep_freed_memory
     from qformer.stage2 import config_from_args, train_stage2
 
-    keep_freed_memory()  # a step reuses the last step's freed activations (README, "Training")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"final checkpoint: {train_stage2(config_from_args(args))}")
     return 0
