@@ -690,7 +690,7 @@ def config_from_args(args: argparse.Namespace) -> Stage2Config:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="python -m qformer.stage2", description=__doc__.split("\n")[0]))
     cfg = config_from_args(parser.parse_args(argv))
-    keep_freed_memory()  # a step reuses the last step's freed activations (README, "Allocator")
+    keep_freed_memory()  # a step reuses the last step's freed activations (README, "Benchmarks": the allocator)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     final = train_stage2(cfg)
     print(f"final checkpoint: {final}")

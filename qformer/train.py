@@ -809,7 +809,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="python -m qformer.train", description=__doc__.split("\n")[0]))
     cfg = config_from_args(parser.parse_args(argv))
-    keep_freed_memory()  # a step reuses the last step's freed activations (README, "Allocator")
+    keep_freed_memory()  # a step reuses the last step's freed activations (README, "Benchmarks": the allocator)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports progress
     tag = f" [rank {rank}]" if rank else ""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
