@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 from indexer import store, vectors
 from indexer.errors import IndexCorrupt, ModelMismatch
 from indexer.fingerprint import model_fingerprint
+from indexer.sources import TAR_SEP
 from qformer.factory import Blip2Retriever
 
 _OPEN_ATTEMPTS = 5
@@ -100,6 +103,18 @@ class Index:
     def paths(self, image_ids: np.ndarray | list[int]) -> list[str]:
         return self.rows(image_ids)["path"].to_pylist()
 
+    def ids_of(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """Image ids [n] int64 of these files, matched by real path: the index keeps the absolute path it was
+        given, so a file indexed through a symlink (or a symlinked parent) is found by either name. Raises
+        KeyError naming the first files that are not in the index."""
+        by_path = {_real_path(p): i for p, i in zip(self.metadata["path"].to_pylist(),
+                                                     self.metadata["image_id"].to_pylist(), strict=True)}
+        keys = [_real_path(p) for p in paths]
+        missing = [k for k in keys if k not in by_path]
+        if missing:
+            raise KeyError(f"{len(missing)} of {len(keys)} files are not in the index {self.dir}: {missing[:3]}")
+        return np.array([by_path[k] for k in keys], np.int64)
+
     def features(self, image_ids: np.ndarray | list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Frozen-encoder tokens [k,N,C] of these images, dequantised to `dtype` (the ITM model's), for ITM."""
         pos = self._positions(image_ids)
@@ -167,6 +182,12 @@ class Index:
             "skipped": [{"path": p, "reason": r} for p, r in
                         zip(self.skipped["path"].to_pylist(), self.skipped["reason"].to_pylist(), strict=True)],
         }
+
+
+def _real_path(p: str | Path) -> str:
+    """The canonical name of a file, or of a tar member ("<real tar path>::<member>")."""
+    tar, sep, member = str(p).partition(TAR_SEP)
+    return os.path.realpath(os.path.expanduser(tar)) + sep + member
 
 
 def _read_faiss(path: Path, ondisk: bool) -> Any:

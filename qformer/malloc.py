@@ -9,9 +9,8 @@ pages that are already mapped. The price is memory: the process keeps its peak h
 varying shapes fragment it (a stage-1 trainer of blip2-tiny grew to about 1 GB more than with glibc's
 default). `QSEARCH_MALLOC=default` in the environment leaves glibc as it is.
 
-`python -m qformer.train|stage2` call it, and so do the benchmark scripts. The `qsearch` CLI and the UI do
-not yet: with it set, `tests/test_engine_vs_bench.py` fails when it runs after `tests/test_cli.py`
-in one process (engine recall 0.0 against the benchmark's), and the cause is not found yet.
+qsearch's entry points (`qsearch …`, the Streamlit app, `python -m qformer.train|stage2`, the benchmark
+scripts) call it once at start; a program that uses qsearch as a library may call it too.
 """
 
 from __future__ import annotations

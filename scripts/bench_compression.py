@@ -61,14 +61,11 @@ def open_or_build_index(index_dir: Path, paths: list[Path], model: Any) -> Any:
 
 
 def image_ids_of(index: Any, paths: list[Path]) -> np.ndarray:
-    """The image ids of these files in `index` (matched by resolved path)."""
-    by_path = dict(zip(index.metadata["path"].to_pylist(), index.metadata["image_id"].to_numpy().tolist(), strict=True))
-    keys = [str(Path(p).resolve()) for p in paths]
-    missing = [k for k in keys if k not in by_path]
-    if missing:
-        raise SystemExit(f"{len(missing)} of {len(keys)} images are not in {index.dir} (e.g. {missing[0]}); "
-                         "leave --index out to build an index of them")
-    return np.array([by_path[k] for k in keys], np.int64)
+    """The image ids of these files in `index` (matched by real path)."""
+    try:
+        return index.ids_of(paths)
+    except KeyError as e:
+        raise SystemExit(f"{e.args[0]}; leave --index out to build an index of them") from None
 
 
 def embed_texts(model: Any, texts: list[str], batch: int = 256) -> np.ndarray:

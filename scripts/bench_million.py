@@ -80,8 +80,7 @@ def prepare(args: argparse.Namespace) -> dict:
     if not (Path(args.dev_index) / "CURRENT").exists():
         build_index(model, list(data.image_paths), args.dev_index, IndexConfig())
     index = Index.open(args.dev_index)
-    by_path = dict(zip(index.metadata["path"].to_pylist(), index.image_ids().tolist(), strict=True))
-    dev_ids = np.array([by_path[str(Path(p).resolve())] for p in data.image_paths], np.int64)
+    dev_ids = index.ids_of(data.image_paths)
     with torch.inference_mode():
         texts = torch.cat([model.embed_texts(data.texts[i : i + 256]).float()
                            for i in range(0, len(data.texts), 256)]).numpy()

@@ -428,8 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from indexer.errors import IndexStoreError
+    from qformer.malloc import keep_freed_memory
 
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # reuse freed activations instead of faulting fresh pages in on every batch
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, IndexStoreError) as e:  # clear message, no traceback

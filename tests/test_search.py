@@ -233,3 +233,26 @@ def test_faiss_first_stage_finds_the_best_images_when_each_images_vectors_cluste
     assert len(set(ids.tolist())) == n
     np.testing.assert_array_equal(ids, np.argsort(-exact, kind="stable")[:n])
     np.testing.assert_allclose(scores, exact[ids], atol=1e-5)
+
+
+def test_engine_recall_matches_files_indexed_through_a_symlink(collection, small_model_dir, tmp_path):
+    """A collection indexed under a symlinked name is evaluated against its real paths (and back)."""
+    from qformer.datasets import RetrievalSet
+    from search.evaluate import engine_text_to_image_recall
+
+    link = tmp_path / "linked"
+    link.symlink_to(collection, target_is_directory=True)
+    d = tmp_path / "index"
+    assert main(["index", str(d), str(link), "--model", str(small_model_dir), "--device", "cpu", "--workers", "0",
+                 "--json"]) == 0
+    index = Index.open(d)
+    assert all(p.startswith(str(link)) for p in index.paths(index.image_ids()))  # the name it was given
+    data = RetrievalSet()
+    for name in COLOURS:
+        data.add_image(collection / f"{name}.png", [f"a {name} square"])
+    ids = index.ids_of(data.image_paths)
+    assert index.paths(ids) == [str(link / f"{name}.png") for name in COLOURS]
+    with pytest.raises(KeyError, match="1 of 2 files are not in the index"):
+        index.ids_of([collection / "red.png", collection / "missing.png"])
+    recall = engine_text_to_image_recall(Searcher(d), data, rerank=0, progress=False)
+    assert recall["img_r10"] == 100.0  # 8 images: every caption's image is in its top 10

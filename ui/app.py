@@ -19,6 +19,7 @@ import streamlit as st
 
 from indexer import IndexCorrupt, IndexNotFound, IndexStoreError, ModelMismatch
 from indexer.store import read_current
+from qformer.malloc import keep_freed_memory
 from search.engine import Searcher
 from ui import core
 
@@ -209,6 +210,7 @@ def search_page(searcher: Searcher, index_dir: str, generation: str) -> None:
 
 
 def main() -> None:
+    keep_freed_memory()  # the re-ranker reuses freed activations instead of faulting fresh pages in
     st.set_page_config(page_title="qsearch", layout="wide")
     st.title("qsearch")
     index_dir = index_dir_from_args(sys.argv[1:])
