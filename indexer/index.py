@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Index:
         self._ids = metadata["image_id"].to_numpy()
         self._shard = metadata["shard"].to_numpy()
         self._row = metadata["row"].to_numpy()
+        self._plan: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None  # max_query_sims
 
     @classmethod
     def open(cls, index_dir: str | Path) -> Index:
@@ -139,6 +141,34 @@ class Index:
             sel = np.nonzero(shard == s)[0]
             out[sel] = self._shards[int(s)]["embeddings"][row[sel]]
         return out
+
+    def max_query_sims(self, text_embed: np.ndarray) -> np.ndarray:
+        """ITC of every image against one text embedding [D]: the max over its Q stored query embeddings ->
+        [n] float32, in `image_ids()` order. An exact scan of the memory-mapped embeddings with torch's
+        matrix-vector products: on a CPU the same ranking as FAISS's Flat index, twice as fast
+        (README, "Engine")."""
+        t = torch.from_numpy(np.ascontiguousarray(text_embed, dtype=np.float32).reshape(-1))
+        out = torch.empty(len(self._ids), dtype=torch.float32)
+        for sel, rows, emb in self._scan_plan():
+            sims = (emb @ t).amax(1)  # [n_s,Q,D] @ [D] -> [n_s,Q] -> [n_s]
+            out[sel] = sims if rows is None else sims[rows]
+        return out.numpy()
+
+    def _scan_plan(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """Per shard: (positions in metadata order, its rows there or None when they are all its rows in order,
+        its embeddings [n_s,Q,D] as a tensor over the memory map). Built on first use."""
+        if self._plan is None:
+            plan = []
+            with warnings.catch_warnings():  # read-only memory maps: the tensors are only ever read
+                warnings.simplefilter("ignore", UserWarning)
+                for s in np.unique(self._shard):
+                    sel = np.nonzero(self._shard == s)[0]
+                    rows, emb = self._row[sel], self._shards[int(s)]["embeddings"]
+                    whole = len(rows) == len(emb) and bool((rows == np.arange(len(emb))).all())
+                    plan.append((torch.from_numpy(sel), None if whole else torch.from_numpy(rows.astype(np.int64)),
+                                 torch.from_numpy(emb)))
+            self._plan = plan
+        return self._plan
 
     def search_index(self, use_gpu: bool | None = None) -> Any:
         """The FAISS index to search: moved to the GPU when faiss-gpu sees one (hook; CPU otherwise)."""

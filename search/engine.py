@@ -84,6 +84,9 @@ class Searcher:
         self.index = Index.open(index_dir)
         self.rescore = rescore
         self.approximate = not faiss_scores_exact(self.index.faiss_index)
+        # an exact Flat index on a CPU: scan the stored embeddings with torch instead of FAISS (same ranking,
+        # half the time; FAISS still serves ANN indexes and GPUs)
+        self.scan = is_flat(self.index.faiss_index) and torch.device(device).type == "cpu"
         src = self.index.manifest["model"].get("source") or self.index.manifest["model"]["name"]
         self.model = model if model is not None else create_model(src, device)
         self.index.check_model(self.model)
@@ -124,6 +127,8 @@ class Searcher:
             sims = np.einsum("iqd,d->iq", self.index.embeddings(allowed), t.numpy()).max(1)
             order = np.argsort(-sims, kind="stable")[:n]
             return allowed[order], sims[order]
+        if self.scan:  # exhaustive and exact: every image's max-over-queries score, then the top n
+            return top_images(self.index.image_ids(), self.index.max_query_sims(t.numpy()), n)
         args = (self.index.search_index(), t.numpy()[None])
         size = (len(self.index), self.index.manifest["num_queries"])
         if not self.approximate or self.rescore == 0:
@@ -332,6 +337,25 @@ def faiss_scores_exact(index: Any) -> bool:
     if isinstance(inner, faiss.IndexHNSW):
         inner = faiss.downcast_index(inner.storage)
     return isinstance(inner, faiss.IndexFlat | faiss.IndexIVFFlat)
+
+
+def is_flat(index: Any) -> bool:
+    """Whether the index is exhaustive and exact (FAISS Flat)."""
+    import faiss
+
+    return isinstance(_inner_index(index), faiss.IndexFlat)
+
+
+def top_images(ids: np.ndarray, sims: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n best (image ids, scores) of ids [m] scored sims [m], best first (ties: in ids order)."""
+    if n <= 0:
+        return ids[:0], sims[:0]
+    if n < len(sims):
+        part = np.sort(np.argpartition(-sims, n - 1)[:n])  # the n best, back in ids order for stable ties
+        order = part[np.argsort(-sims[part], kind="stable")]
+    else:
+        order = np.argsort(-sims, kind="stable")
+    return ids[order], sims[order]
 
 
 def rescore_top_images(embeds: np.ndarray, ids: np.ndarray, t: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

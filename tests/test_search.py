@@ -187,8 +187,17 @@ def test_remove_and_reindex(collection, small_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["remove", str(d), str(collection / "red.png"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"removed": 1}
-    hits = Searcher(d).search("red", k=20, rerank=0)
+    s = Searcher(d)
+    hits = s.search("red", k=20, rerank=0)
     assert len(hits) == len(COLOURS) - 1 and not any(h.path.endswith("red.png") for h in hits)
+    # the exact scan skips the removed image's row, still in its shard, and ranks as FAISS does
+    t = s.model.embed_texts(["red"])[0].numpy()
+    brute = np.einsum("iqd,d->iq", s.index.embeddings(s.index.image_ids()), t).max(1)
+    assert s.scan and s.index.max_query_sims(t) == pytest.approx(brute, abs=1e-6)
+    s.scan = False
+    faiss_hits = s.search("red", k=20, rerank=0)
+    assert [h.image_id for h in faiss_hits] == [h.image_id for h in hits]
+    assert [h.itc for h in faiss_hits] == pytest.approx([h.itc for h in hits], abs=1e-6)
 
 
 def test_hybrid_bm25_over_stored_captions(collection, small_model_dir, tmp_path):
