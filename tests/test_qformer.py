@@ -195,6 +195,33 @@ def test_compact_checkpoint_is_smaller_and_scores_alike(small_model_dir, tmp_pat
     assert torch.equal(sims[0].argmax(1), sims[1].argmax(1))
 
 
+def test_bf16_itm_copy_on_cpu_fuses_the_bias_into_onednn_and_gives_the_same_bits(small_model_dir):
+    import copy
+
+    from qformer.factory import create_model
+    from qformer.packed import OneDnnBf16Linear, onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear: the bf16 copy keeps nn.Linear")
+    model = create_model(small_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a random model's biases are zero: make them count
+        for m in model.qformer.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.bias.normal_(0.0, 0.5)
+    fused = model.itm_encoder("bf16")
+    assert sum(isinstance(m, OneDnnBf16Linear) for m in fused.modules()) > 10
+    plain = copy.deepcopy(model.qformer).eval()
+    plain.to(torch.bfloat16).itm_head.float()  # the copy as nn.Linear layers would compute it
+    torch.manual_seed(0)
+    tokens = torch.randn(6, 9, model.qformer.config.encoder_width).bfloat16()
+    ids, mask = model.tokenize(["a dog on the grass"])
+    with torch.inference_mode():
+        got, ref = (q.itm_match_logit(q.image_kv(tokens), ids.expand(6, -1), mask.expand(6, -1))
+                    for q in (fused, plain))
+    assert torch.equal(got, ref) and ref.std() > 0
+
+
 def test_bf16_itm_encoder_is_a_bf16_copy_that_follows_weight_changes(small_model_dir):
     """ITM re-ranking in bf16 runs a bf16 copy of the Q-Former (no autocast): close to fp32, its ITM head in
     fp32, rebuilt when the weights change, never in the state dict; fp32 runs the Q-Former itself."""
