@@ -68,7 +68,7 @@ def main() -> None:
     for path, precision in itertools.product(args.index, args.itm_precision):
         s = Searcher(path, model=model, rescore=args.rescore, itm_precision=precision)
         row: dict = {"images": len(s.index), "faiss": s.index.manifest["faiss"]["factory"],
-                     "faiss_params": s.index.manifest["faiss"].get("params", ""), "approximate": s.approximate,
+                     "faiss_params": s.index.manifest["faiss"].get("params", ""), "approximate": s.approximate, "torch_scan": s.scan,
                      "itm_precision": resolve(model.device, precision)}
         s.search(texts[-1], k=10, rerank=max(args.rerank))  # warm-up: memory maps, FAISS, model
         stages: dict[str, list[float]] = {"text_embed": [], "first_stage": [], f"itm_{max(args.rerank)}": []}
