@@ -1,9 +1,11 @@
 """Search an index: text → image, image → image, image → text, and text + image, with ITM re-ranking.
 
 Text → image follows the paper's retrieval score:
-1. ITC: the text embedding against every image's Q query embeddings, max over queries. FAISS holds the
-   Q vectors of each image under its image id; we over-fetch vectors and keep the first (best) hit of each
-   image, which is exactly that image's max-over-queries score. When FAISS scores are approximate
+1. ITC: the text embedding against every image's Q query embeddings, max over queries. With the exact
+   (Flat) index on a CPU, torch scans the stored embeddings (`Index.max_query_sims`): the same ranking as
+   FAISS, twice as fast. Otherwise FAISS holds the Q vectors of each image under its image id; we
+   over-fetch vectors and keep the first (best) hit of each image, which is exactly that image's
+   max-over-queries score. When FAISS scores are approximate
    (compressed codes such as IVF-PQ / OPQ), it proposes the best `rescore` candidate images (default 512),
    which are re-scored exactly from the stored embeddings before the top ones are kept.
 2. ITM re-ranks the top `rerank` images (the paper's k_test = 128; 0 turns re-ranking off).
