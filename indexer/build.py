@@ -48,8 +48,8 @@ Captioner = Callable[[list[Image.Image]], list[str]]
 
 @dataclass
 class IndexConfig:
-    """How to build an index. Fixed at creation: `feature_dtype`, `image_precision`. Changeable on any run: the
-    rest."""
+    """How to build an index. Fixed at creation: `feature_dtype`, `image_precision`, `itm_kv`. Changeable on any
+    run: the rest."""
 
     batch_size: int = 32  # images per model call
     num_workers: int = 2  # decoding processes (0: decode in the main process)
@@ -57,6 +57,7 @@ class IndexConfig:
     commit_fraction: float = 0.05  # ... or this fraction of the index, if larger (bounds rewrite cost)
     feature_dtype: str = "fp16"  # "fp16" or "int8" (symmetric, per-token scale)
     image_precision: str = "auto"  # encoder + query pass arithmetic: fp32 | bf16 | auto (bf16 where native)
+    itm_kv: bool = False  # also store the bf16 ITM re-ranker's cross-attention keys/values (+226 KB an image for blip2-tiny)
     faiss_factory: str = "Flat"  # exact; or an ANN such as "IVF1024,Flat", "HNSW32"
     faiss_params: str = ""  # search-time parameters stored with the index, e.g. "nprobe=16"
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (decompression bombs)
@@ -198,7 +199,8 @@ class _Run:
         self.embeds: list[np.ndarray] = []  # [Q,D]
         self.pending_sha: dict[str, int] = {}  # sha -> row in the pending shard
         self.stats = IndexStats(str(writer.dir), 0, scanned=len(items))
-        self.t = {"decode_cpu": 0.0, "wait": 0.0, "encoder": 0.0, "qformer": 0.0, "caption": 0.0, "write": 0.0}
+        self.t = {"decode_cpu": 0.0, "wait": 0.0, "encoder": 0.0, "qformer": 0.0, "itm_kv": 0.0, "caption": 0.0,
+                  "write": 0.0}
         self.last_commit = started
         self.skipped_committed = dict(writer.skipped)
 
@@ -360,6 +362,19 @@ class _Run:
         self.embeds.extend(emb)
         self.stats.embedded += len(tok)
 
+    @torch.inference_mode()
+    def cross_kv(self, tokens: np.ndarray) -> np.ndarray:
+        """The bf16 ITM re-ranker's cross-attention keys/values [n,L,2,N,H] (bf16 bits) of tokens [n,N,C], from
+        the tokens as stored (quantised, then read back in bf16): exactly what search would compute."""
+        t0 = time.perf_counter()
+        stored, scale = store.quantize(tokens, self.w.manifest["feature_dtype"])  # type: ignore[index]
+        x = store.dequantize_torch(stored, scale, torch.bfloat16)
+        itm = self.model.itm_encoder("bf16")
+        out = np.concatenate([store.kv_to_array(itm.image_kv(x[i : i + 128].to(self.model.device)))
+                              for i in range(0, len(x), 128)])
+        self.t["itm_kv"] += time.perf_counter() - t0
+        return out
+
     def caption(self, jobs: list[tuple[dict[str, Any], Image.Image]]) -> None:
         t0 = time.perf_counter()
         try:
@@ -383,7 +398,11 @@ class _Run:
             return
         t0 = time.perf_counter()
         if self.tokens:
-            shard = w.write_shard(np.stack(self.tokens), np.stack(self.embeds))  # [n,N,C], [n,Q,D]
+            tokens = np.stack(self.tokens)  # [n,N,C]
+            kv = self.cross_kv(tokens) if w.manifest.get("cross_kv") else None
+            shard = w.write_shard(tokens, np.stack(self.embeds), kv)  # embeddings [n,Q,D]
+            if kv is not None and w.manifest["cross_kv"].get("shape") is None:
+                w.manifest["cross_kv"]["shape"] = list(kv.shape[1:])
             if w.manifest["token_shape"] is None:
                 w.manifest["token_shape"] = list(self.tokens[0].shape)
             for row in self.new_rows:
@@ -454,6 +473,8 @@ def build_index(
         w = IndexWriter(index_dir, config.keep_generations)
         if w.exists:
             _check_same_model(w, model, fingerprint, index_dir)
+            if config.itm_kv and not w.manifest.get("cross_kv"):  # type: ignore[union-attr]
+                logger.warning("%s was built without ITM keys/values; ignoring itm_kv", index_dir)
             if config.feature_dtype != w.manifest["feature_dtype"]:  # type: ignore[index]
                 logger.warning("%s stores %s features; ignoring feature_dtype=%s", index_dir,
                                w.manifest["feature_dtype"], config.feature_dtype)  # type: ignore[index]
@@ -467,6 +488,7 @@ def build_index(
                      "num_queries": q.num_query_tokens, "embed_dim": q.embed_dim, "token_shape": None,
                      "feature_dtype": config.feature_dtype, "int8_scale": "per-token symmetric, max|x|/127",
                      "image_precision": image_precision,
+                     "cross_kv": {"dtype": "bf16", "shape": None} if config.itm_kv else None,
                      "faiss": {"factory": config.faiss_factory, "metric": "inner_product",
                                "params": config.faiss_params}})
         fa = w.manifest["faiss"]  # type: ignore[index]

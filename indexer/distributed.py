@@ -138,6 +138,9 @@ def build_index_ray(
     import ray
 
     config = config or IndexConfig()
+    if config.itm_kv:
+        raise ValueError("the Ray indexer does not store ITM keys/values (itm_kv) yet: build without it, "
+                         "or with the single-process indexer")
     if config.feature_dtype not in store.FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {store.FEATURE_DTYPES}, not {config.feature_dtype!r}")
     factory = vectors.ondisk_factory(config.faiss_factory)

@@ -132,6 +132,24 @@ class Index:
             out[torch.from_numpy(sel)] = store.dequantize_torch(f["features"][row[sel]], scale, dtype)
         return out
 
+    @property
+    def has_cross_kv(self) -> bool:
+        """Whether the index stores the bf16 ITM re-ranker's cross-attention keys/values (`itm_kv`)."""
+        return bool(self.manifest.get("cross_kv"))
+
+    def cross_kv(self, image_ids: np.ndarray | list[int], num_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Stored cross-attention (keys, values) of these images, per cross layer [k,heads,N,d] bf16: what
+        `image_kv` of the bf16 ITM re-ranker gives for their stored tokens, bit for bit."""
+        if not self.has_cross_kv:
+            raise ValueError(f"{self.dir} stores no ITM keys/values (build it with itm_kv)")
+        pos = self._positions(image_ids)
+        shard, row = self._shard[pos], self._row[pos]
+        out = np.empty((len(pos), *self.manifest["cross_kv"]["shape"]), np.uint16)
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            out[sel] = self._shards[int(s)]["kv"][row[sel]]
+        return store.array_to_kv(out, num_heads)
+
     def embeddings(self, image_ids: np.ndarray | list[int]) -> np.ndarray:
         """Stored query embeddings [k,Q,D] float32 of these images."""
         pos = self._positions(image_ids)
@@ -202,6 +220,7 @@ class Index:
             "embed_dim": m["embed_dim"],
             "token_shape": m["token_shape"],
             "feature_dtype": m["feature_dtype"],
+            "cross_kv": m.get("cross_kv"),
             "image_precision": self.image_precision,
             "faiss": dict(m["faiss"]),
             "counts": m["counts"],

@@ -10,6 +10,9 @@
                                        inverted lists live in this file, memory-mapped (see indexer.distributed)
       features/shard-000003.npy        frozen-encoder tokens [n,N,C], fp16 or int8; written once, never changed
       features/shard-000003.scale.npy  int8 only: symmetric per-token scales [n,N] float32
+      features/shard-000003.kv.npy     indexes built with `itm_kv`: the ITM re-ranker's cross-attention keys
+                                       and values [n,L,2,N,H] (L cross layers; keys, values), bf16 bits as
+                                       uint16, computed from the stored tokens exactly as search would
       embeddings/shard-000003.npy      query embeddings [n,Q,D] float32 (rebuilds FAISS without the model)
       .lock                            held (flock) by the one writer
 
@@ -65,12 +68,27 @@ def ivfdata_file(g: int) -> str:
     return f"queries-{g:06d}.ivfdata"
 
 
-def shard_files(s: int, int8: bool) -> dict[str, str]:
-    """Relative paths of shard `s`: features (+ scale for int8) and embeddings."""
+def shard_files(s: int, int8: bool, kv: bool = False) -> dict[str, str]:
+    """Relative paths of shard `s`: features (+ scale for int8, + cross-attention keys/values) and embeddings."""
     files = {"features": f"{FEATURES_DIR}/shard-{s:06d}.npy", "embeddings": f"{EMBEDDINGS_DIR}/shard-{s:06d}.npy"}
     if int8:
         files["scale"] = f"{FEATURES_DIR}/shard-{s:06d}.scale.npy"
+    if kv:
+        files["kv"] = f"{FEATURES_DIR}/shard-{s:06d}.kv.npy"
     return files
+
+
+def kv_to_array(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """Cross-attention keys/values (per cross layer, each [b,heads,N,d] bf16) -> bf16 bits [b,L,2,N,H] uint16."""
+    a = torch.stack([torch.stack([k.transpose(1, 2).flatten(2), v.transpose(1, 2).flatten(2)], 1) for k, v in kv], 1)
+    return a.to(torch.bfloat16).contiguous().cpu().view(torch.int16).numpy().view(np.uint16)
+
+
+def array_to_kv(a: np.ndarray, num_heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inverse of `kv_to_array`: bf16 bits [b,L,2,N,H] -> per cross layer (keys, values) [b,heads,N,d] bf16."""
+    t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    heads = [t[:, i, j].unflatten(-1, (num_heads, -1)).transpose(1, 2) for i in range(t.shape[1]) for j in (0, 1)]
+    return list(zip(heads[0::2], heads[1::2], strict=True))
 
 
 # ---- atomic writes -------------------------------------------------------------------------------------------
@@ -201,7 +219,7 @@ def collect_garbage(index_dir: Path, keep: list[dict[str, Any]]) -> int:
         d = index_dir / sub
         if d.is_dir():
             for p in d.iterdir():
-                if re.fullmatch(r"shard-\d+(\.scale)?\.npy", p.name) and f"{sub}/{p.name}" not in live:
+                if re.fullmatch(r"shard-\d+(\.scale|\.kv)?\.npy", p.name) and f"{sub}/{p.name}" not in live:
                     p.unlink(missing_ok=True)
                     n += 1
     return n

@@ -81,16 +81,21 @@ class IndexWriter:
         return i
 
     # ---- shards ------------------------------------------------------------------------------------------
-    def write_shard(self, tokens: np.ndarray, embeds: np.ndarray) -> int:
-        """Write a new immutable shard: tokens [n,N,C] float32, embeddings [n,Q,D] float32 -> shard id."""
+    def write_shard(self, tokens: np.ndarray, embeds: np.ndarray, kv: np.ndarray | None = None) -> int:
+        """Write a new immutable shard: tokens [n,N,C] float32, embeddings [n,Q,D] float32, and for an index
+        with `cross_kv` the keys/values [n,L,2,N,H] (`store.kv_to_array`) -> shard id."""
         assert self.manifest is not None
+        if (kv is None) == bool(self.manifest.get("cross_kv")):
+            raise ValueError("an index with cross_kv needs keys/values with every shard, and only such an index")
         s = self.manifest["next_shard"]
         self.manifest["next_shard"] = s + 1
-        files = store.shard_files(s, self.int8)
+        files = store.shard_files(s, self.int8, kv is not None)
         stored, scale = store.quantize(tokens, self.manifest["feature_dtype"])
         store.write_npy(self.dir / files["features"], stored)
         if scale is not None:
             store.write_npy(self.dir / files["scale"], scale)
+        if kv is not None:
+            store.write_npy(self.dir / files["kv"], kv)
         store.write_npy(self.dir / files["embeddings"], np.asarray(embeds, dtype=np.float32))
         self.shards[s] = {"id": s, "rows": int(len(tokens)), "files": files}
         return s
@@ -120,9 +125,11 @@ class IndexWriter:
             return table
         moving = pairs[np.isin(pairs[:, 0], sparse)]
         tokens = np.concatenate([self._tokens(int(s), moving[moving[:, 0] == s, 1]) for s in sparse])
+        kv = np.concatenate([self._load(int(s), "kv")[moving[moving[:, 0] == s, 1]] for s in sparse]) \
+            if self.manifest.get("cross_kv") else None  # stored bits, copied as they are
         embeds = self.embeddings(moving[:, 0], moving[:, 1])
         order = np.concatenate([np.nonzero(moving[:, 0] == s)[0] for s in sparse])
-        new = self.write_shard(tokens, embeds[order])
+        new = self.write_shard(tokens, embeds[order], kv)
         new_row = {(int(s), int(r)): i for i, (s, r) in enumerate(moving[order])}
         moved = np.isin(shard, sparse)
         shard2, row2 = shard.copy(), row.copy()

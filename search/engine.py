@@ -142,10 +142,15 @@ class Searcher:
         """ITM match logits of the text against these images."""
         q, out = self.model.itm_encoder(self.itm_precision), []  # bf16 weights where bf16 is native
         ids, mask = self.model.tokenize([" ".join(text.split())])
+        stored_kv = self.index.has_cross_kv and q.ln_vision.weight.dtype == torch.bfloat16  # what they were made by
         with torch.inference_mode():
             for i in range(0, len(image_ids), batch):
                 chunk = image_ids[i : i + batch]
-                kv = q.image_kv(self.index.features(chunk, q.ln_vision.weight.dtype).to(self.model.device))
+                if stored_kv:
+                    kv = [(k.to(self.model.device), v.to(self.model.device))
+                          for k, v in self.index.cross_kv(chunk, q.config.num_heads)]
+                else:
+                    kv = q.image_kv(self.index.features(chunk, q.ln_vision.weight.dtype).to(self.model.device))
                 out.append(q.itm_match_logit(kv, ids.expand(len(chunk), -1), mask.expand(len(chunk), -1)))
         return torch.cat(out).float().cpu().numpy() if out else np.empty(0, np.float32)
 

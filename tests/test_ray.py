@@ -137,3 +137,13 @@ def test_ray_engine_refuses_an_existing_index(indexes, sources, small_model_dir,
     assert rc == 2
     assert "already holds an index" in capfd.readouterr().err
     assert len(Index.open(indexes[1])) == 12  # untouched
+
+
+def test_ray_indexer_refuses_itm_kv_with_a_clear_error(tmp_path):
+    pytest.importorskip("ray")
+    from indexer import IndexConfig
+    from indexer.distributed import build_index_ray
+
+    with pytest.raises(ValueError, match="does not store ITM keys/values"):
+        build_index_ray("blip2-tiny", [str(tmp_path)], tmp_path / "index", IndexConfig(itm_kv=True))
+    assert not (tmp_path / "index").exists()

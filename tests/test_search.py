@@ -265,3 +265,34 @@ def test_engine_recall_matches_files_indexed_through_a_symlink(collection, small
         index.ids_of([collection / "red.png", collection / "missing.png"])
     recall = engine_text_to_image_recall(Searcher(d), data, rerank=0, progress=False)
     assert recall["img_r10"] == 100.0  # 8 images: every caption's image is in its top 10
+
+
+def test_stored_itm_keys_values_rerank_bit_for_bit_and_survive_compaction(collection, small_model_dir, index_dir,
+                                                                         tmp_path, capsys):
+    """`qsearch index --itm-kv` stores the bf16 re-ranker's cross-attention keys/values: search then reads them
+    instead of computing them from the tokens, with the same scores to the bit, also after compaction."""
+    d = tmp_path / "kv"
+    args = ["--model", str(small_model_dir), "--device", "cpu", "--workers", "0", "--json"]
+    assert main(["index", str(d), str(collection / "manifest.csv"), "--itm-kv", *args]) == 0
+    plain, stored = Searcher(index_dir, itm_precision="bf16"), Searcher(d, itm_precision="bf16")
+    assert stored.index.has_cross_kv and not plain.index.has_cross_kv
+    assert (d / stored.index.manifest["shards"][0]["files"]["kv"]).exists()
+
+    def scores(s: Searcher) -> dict[str, tuple[float, float]]:
+        return {h.path: (h.itm, h.itc) for h in s.search("a red square", k=8)}
+
+    expected = scores(plain)
+    read, cross_kv = [], stored.index.cross_kv
+    stored.index.cross_kv = lambda ids, heads: read.append(len(ids)) or cross_kv(ids, heads)
+    assert len(expected) == len(COLOURS) and scores(stored) == expected
+    assert read == [len(COLOURS)]  # the stored keys/values were read, not recomputed
+    assert Searcher(d, itm_precision="fp32").search("a red square", k=1)[0].itm is not None  # fp32: from tokens
+    # keep 3 of 8 images: the shard falls under half live and is rewritten, keys/values moved with their rows
+    keep = ["purple", "orange", "white"]
+    capsys.readouterr()
+    assert main(["remove", str(d), *(str(collection / f"{n}.png") for n in COLOURS if n not in keep), "--json"]) == 0
+    compacted = Searcher(d, itm_precision="bf16")
+    assert compacted.index.manifest["counts"]["feature_rows"] == 3  # the old shard is gone
+    assert scores(compacted) == {p: expected[p] for p in expected if any(p.endswith(f"/{n}.png") for n in keep)}
+    info = json.loads((capsys.readouterr(), main(["info", str(d), "--json"]), capsys.readouterr().out)[2])
+    assert info["cross_kv"]["shape"][1] == 2
