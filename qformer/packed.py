@@ -13,7 +13,8 @@ embeddings and ITM keep fp32 weights: at their batch sizes fbgemm's fp16 GEMM is
 `bf16_itm_encoder`: the ITM re-ranker with bf16 weights, for devices with native bf16. Under bf16 autocast
 every call re-casts each weight and LayerNorm output; stored in bf16 they are cast once. On the project's
 CPU the Q-Former passes of a synthetic ITM@128 took 310 ms under autocast and 263 ms on the copy (the
-README's "Engine" section has the end-to-end A/B). On a CPU its linear layers are `OneDnnBf16Linear`:
+README's "Engine" section has the end-to-end A/B). On a CPU with native bf16 its linear layers are
+`OneDnnBf16Linear`:
 the same oneDNN product with the bias added inside it. nn.Linear's bf16 path first copies the bias into
 every output row and then accumulates onto it, a pass over each output that cost about 8% of ITM@128; the
 fused product gives the same bits.
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from qformer.model import QFormer
+from qformer.precision import cpu_bf16_native
 
 
 @functools.cache
@@ -110,7 +112,7 @@ def bf16_itm_encoder(qformer: QFormer) -> QFormer:
     itm.train(False)
     for p in itm.parameters():
         p.requires_grad_(False)
-    if qformer.query_tokens.device.type == "cpu" and onednn_linear_available():
+    if qformer.query_tokens.device.type == "cpu" and cpu_bf16_native() and onednn_linear_available():
         for module in list(itm.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:

@@ -200,9 +200,10 @@ def test_bf16_itm_copy_on_cpu_fuses_the_bias_into_onednn_and_gives_the_same_bits
 
     from qformer.factory import create_model
     from qformer.packed import OneDnnBf16Linear, onednn_linear_available
+    from qformer.precision import cpu_bf16_native
 
-    if not onednn_linear_available():
-        pytest.skip("this torch build has no oneDNN linear: the bf16 copy keeps nn.Linear")
+    if not (onednn_linear_available() and cpu_bf16_native()):
+        pytest.skip("no oneDNN linear or no native bf16 here: the bf16 copy keeps nn.Linear")
     model = create_model(small_model_dir)
     torch.manual_seed(1)
     with torch.no_grad():  # a random model's biases are zero: make them count
