@@ -73,6 +73,17 @@ class IndexConfig:
     worker_nice: int = DECODE_NICE  # niceness added to the decoding processes (qformer.workers)
 
 
+@torch.inference_mode()
+def itm_keys_values(model: Blip2Retriever, tokens: np.ndarray, feature_dtype: str) -> np.ndarray:
+    """The bf16 ITM re-ranker's cross-attention keys/values [n,L,2,N,H] (bf16 bits, `store.kv_to_array`) of
+    tokens [n,N,C], from the tokens as stored (quantised, then read back in bf16): what search would compute."""
+    stored, scale = store.quantize(tokens, feature_dtype)
+    x = store.dequantize_torch(stored, scale, torch.bfloat16)
+    itm = model.itm_encoder("bf16")
+    return np.concatenate([store.kv_to_array(itm.image_kv(x[i : i + 128].to(model.device)))
+                           for i in range(0, len(x), 128)])
+
+
 @dataclass
 class IndexStats:
     """What one `build_index` run did, and how long each part took."""
@@ -362,16 +373,9 @@ class _Run:
         self.embeds.extend(emb)
         self.stats.embedded += len(tok)
 
-    @torch.inference_mode()
     def cross_kv(self, tokens: np.ndarray) -> np.ndarray:
-        """The bf16 ITM re-ranker's cross-attention keys/values [n,L,2,N,H] (bf16 bits) of tokens [n,N,C], from
-        the tokens as stored (quantised, then read back in bf16): exactly what search would compute."""
         t0 = time.perf_counter()
-        stored, scale = store.quantize(tokens, self.w.manifest["feature_dtype"])  # type: ignore[index]
-        x = store.dequantize_torch(stored, scale, torch.bfloat16)
-        itm = self.model.itm_encoder("bf16")
-        out = np.concatenate([store.kv_to_array(itm.image_kv(x[i : i + 128].to(self.model.device)))
-                              for i in range(0, len(x), 128)])
+        out = itm_keys_values(self.model, tokens, self.w.manifest["feature_dtype"])  # type: ignore[index]
         self.t["itm_kv"] += time.perf_counter() - t0
         return out
 

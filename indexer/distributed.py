@@ -36,7 +36,7 @@ from torch import Tensor
 
 from indexer import metadata as md
 from indexer import store, vectors
-from indexer.build import IndexConfig, IndexStats, decode_item, metadata_row
+from indexer.build import IndexConfig, IndexStats, decode_item, itm_keys_values, metadata_row
 from indexer.errors import IndexNotFound, IndexStoreError, ModelMismatch
 from indexer.fingerprint import model_fingerprint, model_identity
 from indexer.sources import TAR_SEP, Item, collect
@@ -78,7 +78,7 @@ class EmbedParts:
     """A model replica on a Ray worker: each call embeds a batch of decoded images and writes it as one part."""
 
     def __init__(self, model_source: str, fingerprint: str, staging: str, feature_dtype: str, device: str,
-                 batch_size: int, threads: int, image_precision: str = "fp32"):
+                 batch_size: int, threads: int, image_precision: str = "fp32", itm_kv: bool = False):
         torch.set_num_threads(max(1, threads))
         self.model = create_model(model_source, device)
         got = model_fingerprint(self.model)
@@ -86,7 +86,7 @@ class EmbedParts:
             raise ModelMismatch(f"worker loaded {model_source!r} with fingerprint {got[:12]}, the driver "
                                 f"{fingerprint[:12]}: every node must see the same model")
         self.staging, self.feature_dtype, self.batch_size = Path(staging), feature_dtype, batch_size
-        self.image_precision = image_precision
+        self.image_precision, self.itm_kv = image_precision, itm_kv
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,6 +110,9 @@ class EmbedParts:
         if scale is not None:
             store.write_npy(self.staging / f"{part}.scale.npy", scale)
         store.write_npy(self.staging / f"{part}.embeddings.npy", np.concatenate(embeds))
+        if self.itm_kv:
+            store.write_npy(self.staging / f"{part}.kv.npy",
+                            itm_keys_values(self.model, np.concatenate(tokens), self.feature_dtype))
         out["part"][ok] = part
         out["row"][ok] = np.arange(ok.sum())
         return out
@@ -138,9 +141,6 @@ def build_index_ray(
     import ray
 
     config = config or IndexConfig()
-    if config.itm_kv:
-        raise ValueError("the Ray indexer does not store ITM keys/values (itm_kv) yet: build without it, "
-                         "or with the single-process indexer")
     if config.feature_dtype not in store.FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {store.FEATURE_DTYPES}, not {config.feature_dtype!r}")
     factory = vectors.ondisk_factory(config.faiss_factory)
@@ -209,7 +209,8 @@ def _embed(items: list[Item], model: Any, fingerprint: str, model_source: str, s
                                                "staging": str(staging), "feature_dtype": config.feature_dtype,
                                                "device": device, "batch_size": config.batch_size,
                                                "threads": int(cpus_per_actor),
-                                               "image_precision": config.image_precision})
+                                               "image_precision": config.image_precision,
+                                               "itm_kv": config.itm_kv})
     got: dict[str, list[np.ndarray]] = {c: [] for c in RESULT_COLUMNS}
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for c in RESULT_COLUMNS:
@@ -240,7 +241,7 @@ def _publish(index_dir: Path, staging: Path, items: list[Item], problems: list[t
     int8 = config.feature_dtype == "int8"
     shards = []
     for p, s in shard_of.items():
-        files = store.shard_files(s, int8)
+        files = store.shard_files(s, int8, config.itm_kv)
         for key, f in files.items():
             (index_dir / f).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / f"{p}.{key}.npy", index_dir / f)
@@ -298,6 +299,7 @@ def _publish(index_dir: Path, staging: Path, items: list[Item], problems: list[t
          "complete": True, "model": {**model_identity(model), "fingerprint": fingerprint}, "num_queries": q,
          "embed_dim": d, "token_shape": _token_shape(index_dir, shards), "feature_dtype": config.feature_dtype,
          "image_precision": config.image_precision,
+         "cross_kv": {"dtype": "bf16", "shape": _kv_shape(index_dir, shards)} if config.itm_kv else None,
          "int8_scale": "per-token symmetric, max|x|/127",
          "faiss": {"factory": config.faiss_factory, "metric": "inner_product", "params": config.faiss_params,
                    "effective": used, "file": store.faiss_file(g), "ntotal": int(trained.ntotal),
@@ -309,6 +311,12 @@ def _publish(index_dir: Path, staging: Path, items: list[Item], problems: list[t
     store.publish(index_dir, m)  # <- the commit point
     store.collect_garbage(index_dir, [m])  # files an earlier, killed run left behind
     return m
+
+
+def _kv_shape(index_dir: Path, shards: list[dict[str, Any]]) -> list[int] | None:
+    if not shards:
+        return None
+    return list(np.load(index_dir / shards[0]["files"]["kv"], mmap_mode="r").shape[1:])
 
 
 def _token_shape(index_dir: Path, shards: list[dict[str, Any]]) -> list[int] | None:

@@ -68,7 +68,7 @@ def indexes(sources, small_model_dir, ray_cluster, tmp_path_factory):
     d = tmp_path_factory.mktemp("indexes")
     common = ["--model", str(small_model_dir), "--device", "cpu", "--json"]
     assert main(["index", str(d / "local"), *sources, *common, "--workers", "0"]) == 0
-    assert main(["index", str(d / "ray"), *sources, *common, "--engine", "ray", "--part-rows", "4"]) == 0
+    assert main(["index", str(d / "ray"), *sources, *common, "--engine", "ray", "--part-rows", "4", "--itm-kv"]) == 0
     return d / "local", d / "ray"
 
 
@@ -139,11 +139,19 @@ def test_ray_engine_refuses_an_existing_index(indexes, sources, small_model_dir,
     assert len(Index.open(indexes[1])) == 12  # untouched
 
 
-def test_ray_indexer_refuses_itm_kv_with_a_clear_error(tmp_path):
-    pytest.importorskip("ray")
-    from indexer import IndexConfig
-    from indexer.distributed import build_index_ray
 
-    with pytest.raises(ValueError, match="does not store ITM keys/values"):
-        build_index_ray("blip2-tiny", [str(tmp_path)], tmp_path / "index", IndexConfig(itm_kv=True))
-    assert not (tmp_path / "index").exists()
+def test_ray_parts_store_the_itm_keys_values_search_would_compute(indexes):
+    """--itm-kv under Ray: every part carries the bf16 re-ranker's keys/values of its stored tokens."""
+    import torch
+
+    from qformer.factory import create_model
+
+    index = Index.open(indexes[1])
+    assert index.has_cross_kv and not Index.open(indexes[0]).has_cross_kv
+    model = create_model(index.manifest["model"]["source"])
+    itm = model.itm_encoder("bf16")
+    ids = index.image_ids()
+    with torch.inference_mode():
+        computed = itm.image_kv(index.features(ids, torch.bfloat16))
+    stored = index.cross_kv(ids, itm.config.num_heads)
+    assert all(torch.equal(a, c) and torch.equal(b, e) for (a, b), (c, e) in zip(stored, computed, strict=True))
