@@ -142,22 +142,22 @@ class Index:
         `image_kv` of the bf16 ITM re-ranker gives for their stored tokens, bit for bit."""
         if not self.has_cross_kv:
             raise ValueError(f"{self.dir} stores no ITM keys/values (build it with itm_kv)")
-        pos = self._positions(image_ids)
-        shard, row = self._shard[pos], self._row[pos]
-        out = np.empty((len(pos), *self.manifest["cross_kv"]["shape"]), np.uint16)
-        for s in np.unique(shard):
-            sel = np.nonzero(shard == s)[0]
-            out[sel] = self._shards[int(s)]["kv"][row[sel]]
-        return store.array_to_kv(out, num_heads)
+        return store.array_to_kv(self._stored(image_ids, "kv", self.manifest["cross_kv"]["shape"], np.uint16),
+                                 num_heads)
 
     def embeddings(self, image_ids: np.ndarray | list[int]) -> np.ndarray:
         """Stored query embeddings [k,Q,D] float32 of these images."""
+        return self._stored(image_ids, "embeddings", [self.manifest["num_queries"], self.manifest["embed_dim"]],
+                            np.float32)
+
+    def _stored(self, image_ids: np.ndarray | list[int], key: str, shape: list[int], dtype: type) -> np.ndarray:
+        """Rows [k,*shape] of the shard file `key` ("embeddings", "kv") for these images, gathered per shard."""
         pos = self._positions(image_ids)
         shard, row = self._shard[pos], self._row[pos]
-        out = np.empty((len(pos), self.manifest["num_queries"], self.manifest["embed_dim"]), np.float32)
+        out = np.empty((len(pos), *shape), dtype)
         for s in np.unique(shard):
             sel = np.nonzero(shard == s)[0]
-            out[sel] = self._shards[int(s)]["embeddings"][row[sel]]
+            out[sel] = self._shards[int(s)][key][row[sel]]
         return out
 
     def max_query_sims(self, text_embed: np.ndarray) -> np.ndarray:
