@@ -633,7 +633,7 @@ def train_stage2(cfg: Stage2Config, pairs: CaptionPairs | None = None) -> Path:
     for step in range(start_step, cfg.max_steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         step_seed = derive_seed(cfg.seed, "step", step)
         torch.manual_seed(step_seed)  # dropout, on every device
         generator.manual_seed(step_seed)

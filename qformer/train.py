@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -62,7 +62,6 @@ from qformer.factory import Blip2Retriever, create_model
 from qformer.features import INDEX, FeatureCache, read_image
 from qformer.losses import Stage1Objective
 from qformer.malloc import keep_freed_memory
-from qformer.model import QFormer
 from qformer.plot import read_metrics, write_metrics_svg
 from qformer.precision import bf16_native
 from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
@@ -95,6 +94,7 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup from warmup_lr
     warmup_lr: float = 1e-6
     weight_decay: float = 0.05  # AdamW, on weight matrices and embeddings only
+    text_lr_scale: float = 1.0  # lr multiplier for the language-model-initialised text path (embeddings, self-attention, text FFNs); 1: one lr, as BLIP-2
     beta1: float = 0.9  # AdamW betas
     beta2: float = 0.999
     grad_clip: float = 0.0  # max gradient norm; 0: off (LAVIS does not clip)
@@ -388,12 +388,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(qformer: QFormer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; like LAVIS, no weight decay on biases, LayerNorms and the temperature (params with ndim < 2)."""
-    params = [p for p in qformer.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+TEXT_PATH = ("embeddings.", ".attn.", ".ffn_text.")  # parameter names the language model initialises
+
+
+def make_optimizer(qformer: nn.Module, cfg: TrainConfig, text_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW; like LAVIS, no weight decay on biases, LayerNorms and the temperature (params with ndim < 2).
+    Each group's "lr_scale" multiplies the scheduled lr: text_lr_scale for the text path (TEXT_PATH: the
+    embeddings, the self-attention that queries and text share, the text FFNs), 1 for the rest."""
+    named = [(n, p) for n, p in qformer.named_parameters() if p.requires_grad]
+    parts = [(named, 1.0)] if text_lr_scale == 1.0 else [  # one lr: two groups, as checkpoints before the option
+        ([(n, p) for n, p in named if any(k in f".{n}" for k in TEXT_PATH) == text], text_lr_scale if text else 1.0)
+        for text in (False, True)]
+    groups = []
+    for part, scale in parts:
+        params = [p for _, p in part]
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -652,7 +663,7 @@ def _train(cfg: TrainConfig, pairs: CaptionPairs | None, rank: int, world_size: 
     objective: torch.nn.Module = Stage1Objective(qformer)
     if world_size > 1:
         objective = DistributedDataParallel(objective, device_ids=None if device.type == "cpu" else [device.index])
-    optimizer = make_optimizer(qformer, cfg)
+    optimizer = make_optimizer(qformer, cfg, cfg.text_lr_scale)
     use_amp, amp_dtype, scaler = mixed_precision(cfg.precision, device)
     logger.info("precision: %s", f"{amp_dtype} autocast on {device.type}" if use_amp else "fp32")
     start_step = restore_train_state(resume_dir, optimizer, scaler, cfg)
@@ -696,7 +707,7 @@ def _train(cfg: TrainConfig, pairs: CaptionPairs | None, rank: int, world_size: 
     for step in range(start_step, cfg.max_steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before text_lr_scale: no key
         step_seed = derive_seed(cfg.seed, "step", step, *([rank] if world_size > 1 else []))
         torch.manual_seed(step_seed)  # dropout, on every device
         generator.manual_seed(step_seed)  # ITM negatives

@@ -367,6 +367,28 @@ def test_losses_fall(trained, small_dir, cache_dir, pairs):
 
 
 @needs_data
+def test_text_lr_scale_scales_only_the_language_model_initialised_text_path(tmp_path, small_dir, cache_dir):
+    """--text-lr-scale 0 keeps the embeddings, self-attention and text FFNs where they started while the
+    queries, cross-attention, query FFNs and heads train; the groups' scale survives a resume."""
+    from qformer.train import TEXT_PATH
+
+    train(run_config(tmp_path, small_dir, cache_dir, max_steps=3, checkpoint_every=3, text_lr_scale=0.0))
+    start = load_file(str(Path(small_dir) / "qformer.safetensors"))
+    ckpt = list_checkpoints(tmp_path)[-1]
+    end = load_file(str(ckpt / "qformer.safetensors"))
+    text = [k for k in start if any(t in f".{k}" for t in TEXT_PATH)]
+    rest = [k for k in start if k not in text and start[k].dtype.is_floating_point]
+    assert any(".attn." in k for k in text) and any(".ffn_text." in k for k in text) and any(
+        k.startswith("embeddings.") for k in text)
+    assert all(torch.equal(start[k], end[k]) for k in text)
+    moved = [k for k in rest if not torch.equal(start[k], end[k])]
+    assert any(".cross." in k for k in moved) and any(".ffn_query." in k for k in moved)
+    assert "query_tokens" in moved
+    groups = load_train_state(ckpt)["optimizer"]["param_groups"]
+    assert sorted(g["lr_scale"] for g in groups) == [0.0, 0.0, 1.0, 1.0]
+
+
+@needs_data
 def test_trained_checkpoint_round_trips(trained, tmp_path, encoder, tokenizer, pairs, cache_dir):
     # the training checkpoint is a qsearch model directory, and its train state loads with weights_only
     ckpt = list_checkpoints(trained)[-1]
