@@ -113,7 +113,7 @@ def main() -> None:
         if epoch % 5 == 0 or epoch == a.epochs:
             with torch.no_grad():
                 r = recall(embed_images(x_dev) @ F.normalize(text_head(t_dev), dim=-1).t(), img_dev)
-            log.append({"epoch": epoch, "train_loss": round(float(loss), 4), **r,
+            log.append({"epoch": epoch, "train_loss": round(float(loss.detach()), 4), **r,
                         "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(log[-1]), flush=True)
     if a.out:
