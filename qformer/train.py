@@ -391,17 +391,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 TEXT_PATH = ("embeddings.", ".attn.", ".ffn_text.")  # parameter names the language model initialises
 
 
-def make_optimizer(qformer: nn.Module, cfg: TrainConfig, text_lr_scale: float = 1.0) -> torch.optim.AdamW:
+def make_optimizer(qformer: nn.Module, cfg: Any, text_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW; like LAVIS, no weight decay on biases, LayerNorms and the temperature (params with ndim < 2).
     Each group's "lr_scale" multiplies the scheduled lr: text_lr_scale for the text path (TEXT_PATH: the
     embeddings, the self-attention that queries and text share, the text FFNs), 1 for the rest."""
     named = [(n, p) for n, p in qformer.named_parameters() if p.requires_grad]
-    parts = [(named, 1.0)] if text_lr_scale == 1.0 else [  # one lr: two groups, as checkpoints before the option
-        ([(n, p) for n, p in named if any(k in f".{n}" for k in TEXT_PATH) == text], text_lr_scale if text else 1.0)
-        for text in (False, True)]
+    if text_lr_scale == 1.0:
+        parts = [([p for _, p in named], 1.0)]  # one lr: two groups, as in checkpoints from before the option
+    else:
+        text = {n for n, _ in named if any(k in f".{n}" for k in TEXT_PATH)}
+        parts = [([p for n, p in named if n not in text], 1.0), ([p for n, p in named if n in text], text_lr_scale)]
     groups = []
-    for part, scale in parts:
-        params = [p for _, p in part]
+    for params, scale in parts:
         groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
     groups = [g for g in groups if g["params"]]
@@ -625,6 +626,10 @@ def restore_train_state(resume_dir: Path | None, optimizer: torch.optim.Optimize
     if resume_dir is None:
         return 0
     state = load_train_state(resume_dir)
+    saved_scale, scale = state["config"].get("text_lr_scale", 1.0), getattr(cfg, "text_lr_scale", 1.0)
+    if saved_scale != scale:  # the optimizer's groups differ; the saved ones would win silently
+        raise ValueError(f"{resume_dir} was trained with --text-lr-scale {saved_scale}, not {scale}: resume with "
+                         f"--text-lr-scale {saved_scale}, or start a new --out-dir")
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()

@@ -369,7 +369,8 @@ def test_losses_fall(trained, small_dir, cache_dir, pairs):
 @needs_data
 def test_text_lr_scale_scales_only_the_language_model_initialised_text_path(tmp_path, small_dir, cache_dir):
     """--text-lr-scale 0 keeps the embeddings, self-attention and text FFNs where they started while the
-    queries, cross-attention, query FFNs and heads train; the groups' scale survives a resume."""
+    queries, cross-attention, query FFNs and heads train; the checkpoint keeps the groups' scales, and resuming
+    at another scale is refused."""
     from qformer.train import TEXT_PATH
 
     train(run_config(tmp_path, small_dir, cache_dir, max_steps=3, checkpoint_every=3, text_lr_scale=0.0))
@@ -386,6 +387,9 @@ def test_text_lr_scale_scales_only_the_language_model_initialised_text_path(tmp_
     assert "query_tokens" in moved
     groups = load_train_state(ckpt)["optimizer"]["param_groups"]
     assert sorted(g["lr_scale"] for g in groups) == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="--text-lr-scale 0.0"):  # resuming at another scale: a clear error
+        train(run_config(tmp_path, small_dir, cache_dir, max_steps=6, checkpoint_every=3, text_lr_scale=0.5,
+                         resume="latest"))
 
 
 @needs_data
