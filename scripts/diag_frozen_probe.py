@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
+from qformer.datasets import load_flickr8k
 from qformer.factory import create_model
 from qformer.features import FeatureCache
 from qformer.malloc import keep_freed_memory
+from qformer.retrieval import recall_at_k
 from qformer.tokenizer import load_tokenizer, minilm_dir
 from qformer.train import load_pairs
 
@@ -46,18 +48,6 @@ def sentence_embeddings(texts: list[str], batch: int = 256) -> torch.Tensor:  # 
     return torch.cat(out)
 
 
-def recall(sims: torch.Tensor, pair_image: torch.Tensor) -> dict[str, float]:
-    """sims [images, texts]; pair_image [texts]: each text's image."""
-    i2t, t2i = sims.argsort(1, descending=True), sims.t().argsort(1, descending=True)
-    r = {}
-    for k in (1, 5, 10):
-        r[f"txt_r{k}"] = round(100 * float((pair_image[i2t[:, :k]] == torch.arange(len(sims))[:, None]).any(1)
-                                           .float().mean()), 2)
-    for k in (1, 5, 10):
-        r[f"img_r{k}"] = round(100 * float((t2i[:, :k] == pair_image[:, None]).any(1).float().mean()), 2)
-    return r
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="../shared/data/flickr8k")
@@ -68,10 +58,10 @@ def main() -> None:
     p.add_argument("--out", default="")
     a = p.parse_args()
     keep_freed_memory()
-    torch.manual_seed(0)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    train, dev = load_pairs("flickr8k", a.root, "train"), load_pairs("flickr8k", a.root, "dev")
+    train = load_pairs("flickr8k", a.root, "train")
+    dev = load_flickr8k(Path(a.root), "dev")  # the benchmark's dev set: image_paths, texts, img2txt, txt2img
     model = create_model("blip2-tiny-init")  # only its frozen Lite0 tower is used
     for split, directory in ((train, Path(a.cache_dir)), (dev, work / "dev_features")):
         if not (directory / "index.json").is_file():
@@ -80,11 +70,12 @@ def main() -> None:
     x_dev = tokens(FeatureCache(work / "dev_features"), dev.image_paths)
     sentences = work / "sentences.pt"
     if not sentences.is_file():
-        torch.save({"train": sentence_embeddings(train.captions), "dev": sentence_embeddings(dev.captions)}, sentences)
+        torch.save({"train": sentence_embeddings(train.captions), "dev": sentence_embeddings(dev.texts)}, sentences)
     s = torch.load(sentences)
     t_train, t_dev = s["train"], s["dev"]
-    img_train, img_dev = torch.tensor(train.pair_image), torch.tensor(dev.pair_image)
+    img_train = torch.tensor(train.pair_image)
 
+    torch.manual_seed(0)  # here, so that the heads and the batches do not depend on which caches existed
     image_norm, image_proj = torch.nn.LayerNorm(1280), torch.nn.Linear(1280, 256)
     text_head = torch.nn.Sequential(torch.nn.Linear(384, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
     logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
@@ -112,7 +103,8 @@ def main() -> None:
             sched.step()
         if epoch % 5 == 0 or epoch == a.epochs:
             with torch.no_grad():
-                r = recall(embed_images(x_dev) @ F.normalize(text_head(t_dev), dim=-1).t(), img_dev)
+                sims = embed_images(x_dev) @ F.normalize(text_head(t_dev), dim=-1).t()  # [images, texts]
+                r = {k: round(v, 2) for k, v in recall_at_k(sims, sims.t(), dev.img2txt, dev.txt2img).items()}
             log.append({"epoch": epoch, "train_loss": round(float(loss.detach()), 4), **r,
                         "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(log[-1]), flush=True)
