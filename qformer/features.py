@@ -3,13 +3,18 @@
 Layout of a cache directory:
 
     features.npy   [N_img, N, C] array (fp16 by default), row i = image i of `paths`; memory-mapped on read
-    index.json     {"paths", "shape", "dtype", "encoder" (spec), "skipped": {path: reason}, "complete"}
+    index.json     {"paths", "shape", "dtype", "encoder" (spec), "augment_seed" (null: no augmentation),
+                    "skipped": {path: reason}, "complete"}
 
 Building is crash-safe and resumable: rows go into `features.npy.partial` (a memory-mapped .npy) and
 `progress.json` records how many rows are done (and which images were skipped) after every flushed
 batch; a rebuild with the same paths and encoder continues from there. Only when every row is written
 is the array renamed to `features.npy` and `index.json` written (atomically, via a temporary file), so a
 directory with an `index.json` always holds a complete cache.
+
+An augmented view (`augment_seed` set) encodes every image through the encoder's training transform (BLIP-2's
+random resized crop + flip), the draw of image i seeded by (augment_seed, i): the same view on every machine
+and after any resume. Stage 1 reads several such views (`--cache-views`) instead of running the encoder live.
 
 An image that cannot be read (missing, truncated, not an image) is logged with the reason, recorded
 in `skipped`, its row left as zeros and marked invalid (`FeatureCache.valid`); the build goes on.
@@ -107,18 +112,29 @@ def read_image(path: Path, transform: Callable[[Image.Image], Tensor]) -> tuple[
         return None, f"{type(e).__name__}: {e}"
 
 
-class _ImageFiles(Dataset):
-    """Image i -> (i, pixels [3,S,S] or None, reason)."""
+def view_seed(augment_seed: int, image: int) -> int:
+    """The 32-bit seed of the random crop and flip of image `image` in augmented view `augment_seed` (torch's
+    CPU generator keeps only 32 bits of a seed, so the two are mixed, not packed)."""
+    return int(np.random.SeedSequence([augment_seed, image]).generate_state(1)[0])
 
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor]):
-        self.paths, self.transform = list(paths), transform
+
+class _ImageFiles(Dataset):
+    """Image i -> (i, pixels [3,S,S] or None, reason); with `seeds`, the transform's random draws of image i
+    come from seeds[i]."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor],
+                 seeds: Sequence[int] | None = None):
+        self.paths, self.transform, self.seeds = list(paths), transform, seeds
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | None, str]:
-        pixels, reason = read_image(self.paths[i], self.transform)
-        return i, pixels, reason
+        if self.seeds is None:
+            return i, *read_image(self.paths[i], self.transform)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seeds[i])
+            return i, *read_image(self.paths[i], self.transform)
 
 
 def _collate(items: list[tuple[int, Tensor | None, str]]) -> list[tuple[int, Tensor | None, str]]:
@@ -149,6 +165,7 @@ class FeatureCache:
         self.dtype: str = index["dtype"]
         self.encoder: dict[str, Any] = index["encoder"]
         self.skipped: dict[str, str] = index["skipped"]
+        self.augment_seed: int | None = index.get("augment_seed")
         self.valid = np.array([p not in self.skipped for p in self.paths], dtype=bool)  # [N_img]
         self._row = {p: i for i, p in enumerate(self.paths)}
         self._array: np.ndarray | None = None
@@ -165,13 +182,15 @@ class FeatureCache:
         dtype: str = "float16",
         flush_every: int = 8,
         progress: bool = True,
+        augment_seed: int | None = None,
     ) -> FeatureCache:
         """Encode every image of `paths` with the frozen encoder (a `Blip2Retriever` or an `ImageEncoder`)
         and store the tokens in `out_dir`; returns the opened cache.
 
-        A complete cache for the same paths and encoder is reused as is; a partial one is resumed; a cache
-        for other paths or another encoder is an error (use another directory). `flush_every`: batches
-        between progress records (what a crash can lose).
+        A complete cache for the same paths, encoder and augmentation is reused as is; a partial one is
+        resumed; any other cache there is an error (use another directory). `flush_every`: batches between
+        progress records (what a crash can lose). `augment_seed`: store one augmented view (the encoder's
+        training transform, image i drawn from `view_seed(augment_seed, i)`) instead of the plain images.
         """
         encoder: ImageEncoder = getattr(model_or_encoder, "encoder", model_or_encoder)
         out = Path(out_dir)
@@ -182,8 +201,8 @@ class FeatureCache:
         spec = encoder.spec()
         if (out / INDEX).is_file():
             cache = cls(out)
-            if cache.paths != keys or cache.encoder != spec or cache.dtype != dtype:
-                raise ValueError(f"{out}: holds a feature cache of other images, encoder or dtype; "
+            if (cache.paths, cache.encoder, cache.dtype, cache.augment_seed) != (keys, spec, dtype, augment_seed):
+                raise ValueError(f"{out}: holds a feature cache of other images, encoder, dtype or augmentation; "
                                  "use another directory or delete it")
             return cache
 
@@ -199,7 +218,8 @@ class FeatureCache:
             os.replace(out / FEATURES, out / PARTIAL)  # died between the final rename and writing the index
         if progress_path.is_file() and (out / PARTIAL).is_file():
             state = json.loads(progress_path.read_text())
-            if state["paths"] == keys and state["encoder"] == spec and state["dtype"] == dtype:
+            if (state["paths"] == keys and state["encoder"] == spec and state["dtype"] == dtype
+                    and state.get("augment_seed") == augment_seed):
                 done, skipped = state["done"], state["skipped"]
                 logger.info("resuming feature cache %s at image %d of %d", out, done, len(keys))
         if done == 0:
@@ -209,14 +229,19 @@ class FeatureCache:
 
         def record(arr: np.ndarray, done: int) -> None:  # rows before `done` are on disk
             arr.flush()
-            _write_json(progress_path, {"paths": keys, "encoder": spec, "dtype": dtype, "done": done,
-                                        "skipped": skipped})
+            _write_json(progress_path, {"paths": keys, "encoder": spec, "dtype": dtype,
+                                        "augment_seed": augment_seed, "done": done, "skipped": skipped})
 
         start = done  # loader item i is image start + i
-        loader = DataLoader(_ImageFiles([Path(k) for k in keys[start:]], encoder.preprocess()),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+        if augment_seed is None:
+            files = _ImageFiles([Path(k) for k in keys[start:]], encoder.preprocess())
+        else:
+            files = _ImageFiles([Path(k) for k in keys[start:]], encoder.train_transform(),
+                                [view_seed(augment_seed, i) for i in range(start, len(keys))])
+        loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                             worker_init_fn=lower_priority)
-        bar = tqdm(total=len(keys), initial=done, desc="image features", unit="img", disable=not progress)
+        desc = "image features" if augment_seed is None else f"image features, augmented view {augment_seed}"
+        bar = tqdm(total=len(keys), initial=done, desc=desc, unit="img", disable=not progress)
         for n_batch, items in enumerate(loader, start=1):
             good = []
             for i, pixels, reason in items:
@@ -240,7 +265,7 @@ class FeatureCache:
         del arr
         os.replace(out / PARTIAL, out / FEATURES)
         _write_json(out / INDEX, {"paths": keys, "shape": list(shape), "dtype": dtype, "encoder": spec,
-                                  "skipped": skipped, "complete": True})
+                                  "augment_seed": augment_seed, "skipped": skipped, "complete": True})
         progress_path.unlink(missing_ok=True)
         if skipped:
             logger.warning("feature cache %s: skipped %d of %d images (see %s)", out, len(skipped), len(keys),

@@ -10,7 +10,9 @@ Read top to bottom: config -> data -> optimiser and schedule -> checkpoints -> e
 -> the loop -> command line.
 
 - Frozen image features are computed once into a memory-mapped cache (`qformer.features`), so a step costs
-  only the Q-Former; `--no-cache` runs the encoder live with BLIP-2's training augmentation instead.
+  only the Q-Former; `--no-cache` runs the encoder live with BLIP-2's training augmentation instead, and
+  `--cache-views V` is the cached middle way: V-1 augmented views of every image are encoded once, and each
+  pair of each epoch reads one of the V views (the plain one included).
 - Every checkpoint `<out-dir>/checkpoints/step_NNNNNNN/` is a qsearch model directory
   (`qformer.factory.create_model(dir)` loads it) plus `train_state.pt` (optimiser, grad scaler, step).
 - `--resume` continues bit for bit: the batches of step s depend only on (seed, s) - each epoch's order is
@@ -85,6 +87,7 @@ class TrainConfig:
     # image features
     cache: bool = True  # frozen-encoder tokens from a disk cache (no augmentation); --no-cache: live + augmentation
     cache_dir: str = ""  # feature cache directory ('': <out_dir>/features); share it between runs
+    cache_views: int = 1  # cached views per image: the plain one + V-1 augmented (crop + flip) ones in <cache_dir>/augment_<v>
     # optimisation (LAVIS stage 1: AdamW, lr 1e-4 -> 1e-5 cosine, weight decay 0.05, linear warmup)
     batch_size: int = 64  # pairs per micro-batch (ITC negatives come from the micro-batch)
     grad_accum: int = 1  # micro-batches per optimiser step
@@ -287,16 +290,20 @@ class PairDataset(Dataset):
     """Item (pair index, augmentation seed) -> {"image" tokens [N,C] | "pixels" [3,S,S], "text", "image_id"},
     or None for an unreadable image (logged once, dropped by the collate function).
 
-    With a FeatureCache the tokens are read from disk; otherwise the image is decoded and augmented with
-    `transform`, seeded per item so that the crop does not depend on worker or restart.
+    With a FeatureCache the tokens are read from disk; with several (views of the same images), the seed picks
+    the view. Otherwise the image is decoded and augmented with `transform`, seeded per item so that the crop
+    does not depend on worker or restart.
     """
 
-    def __init__(self, pairs: CaptionPairs, cache: FeatureCache | None = None,
+    def __init__(self, pairs: CaptionPairs, cache: FeatureCache | Sequence[FeatureCache] | None = None,
                  transform: Callable[[Image.Image], Tensor] | None = None):
         if (cache is None) == (transform is None):
             raise ValueError("PairDataset needs exactly one of cache and transform")
-        self.pairs, self.cache, self.transform = pairs, cache, transform
-        self.rows = None if cache is None else [cache.row(p) for p in pairs.image_paths]  # image -> cache row
+        self.views = [] if cache is None else [cache] if isinstance(cache, FeatureCache) else list(cache)
+        if any(v.paths != self.views[0].paths for v in self.views):
+            raise ValueError("PairDataset: the cached views hold different images")
+        self.pairs, self.cache, self.transform = pairs, self.views[0] if self.views else None, transform
+        self.rows = None if cache is None else [self.cache.row(p) for p in pairs.image_paths]  # image -> cache row
         self._warned: set[int] = set()
 
     def __len__(self) -> int:
@@ -313,7 +320,7 @@ class PairDataset(Dataset):
         i = self.pairs.pair_image[j]
         out: dict[str, Any] = {"text": self.pairs.captions[j], "image_id": i}
         if self.cache is not None:
-            out["image"] = self.cache[self.rows[i]]  # [N,C]
+            out["image"] = self.views[seed % len(self.views)][self.rows[i]]  # [N,C]
             return out
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the crop and flip of this pair in this epoch
@@ -585,14 +592,25 @@ def distributed(device: str) -> Iterator[tuple[int, int, torch.device]]:
 
 
 def shared_feature_cache(model: Blip2Retriever, paths: Sequence[Path], directory: Path, cfg: TrainConfig,
-                         rank: int) -> FeatureCache:
+                         rank: int, augment_seed: int | None = None) -> FeatureCache:
     """FeatureCache.build on rank 0; the other ranks wait for its index file (no collective, so a long build
     cannot time out), then open and check it. The directory must be visible to every rank."""
     if rank != 0:
         while not (directory / INDEX).is_file():
             time.sleep(1.0)
     return FeatureCache.build(model, paths, directory, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              progress=cfg.progress and rank == 0)
+                              progress=cfg.progress and rank == 0, augment_seed=augment_seed)
+
+
+def cached_views(model: Blip2Retriever, paths: Sequence[Path], directory: Path, cfg: TrainConfig,
+                 rank: int) -> list[FeatureCache]:
+    """The plain feature cache in `directory` and cfg.cache_views - 1 augmented ones in directory/augment_<v>
+    (view v drawn with augment_seed v: the same views for every run and seed, so runs can share them)."""
+    if cfg.cache_views < 1:
+        raise ValueError(f"--cache-views must be at least 1, not {cfg.cache_views}")
+    return [shared_feature_cache(model, paths, directory, cfg, rank),
+            *(shared_feature_cache(model, paths, directory / f"augment_{v}", cfg, rank, augment_seed=v)
+              for v in range(1, cfg.cache_views))]
 
 
 def same_size_batches(batches: list[dict[str, Tensor] | None], device: torch.device
@@ -683,7 +701,7 @@ def _train(cfg: TrainConfig, pairs: CaptionPairs | None, rank: int, world_size: 
     cache_root = Path(cfg.cache_dir or out_dir / "features")
     eval_set = load_eval_set(cfg, model, cache_root, pairs) if cfg.eval_split and main else None
     if cfg.cache:
-        dataset = PairDataset(pairs, cache=shared_feature_cache(model, pairs.image_paths, cache_root, cfg, rank))
+        dataset = PairDataset(pairs, cache=cached_views(model, pairs.image_paths, cache_root, cfg, rank))
     else:
         dataset = PairDataset(pairs, transform=model.encoder.train_transform())
     usable = dataset.usable()

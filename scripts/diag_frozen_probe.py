@@ -1,9 +1,10 @@
 """How far do the frozen parts alone get on Flickr8k dev? A ceiling check for blip2-tiny, not the product.
 
-Image: the frozen EfficientNet-Lite0 tokens [49,1280] of blip2-tiny, LayerNorm per token, mean-pooled, one linear
-layer to 256. Text: all-MiniLM-L6-v2 (frozen) sentence embeddings, mean-pooled as that model was trained, then a small MLP
-to 256. Only these heads train: symmetric InfoNCE with a learned temperature, batch 256, AdamW with one-cycle lr
-1e-3, on the Flickr8k train pairs. Dev recall@1/5/10 both ways every 5 epochs, the model card's protocol.
+Image: the frozen EfficientNet-Lite0 tokens [49,1280] of blip2-tiny, LayerNorm per token, mean-pooled, one
+linear layer to 256. Text: all-MiniLM-L6-v2 (frozen) sentence embeddings, mean-pooled as that model was trained
+(`--text-pool cls`: its [CLS] output, the token BLIP-2's ITC reads), then a small MLP to 256. Only these heads
+train: symmetric InfoNCE with a learned temperature, batch 256, AdamW with one-cycle lr 1e-3, on the Flickr8k
+train pairs. Dev recall@1/5/10 both ways every 5 epochs, the model card's protocol.
 
     python scripts/diag_frozen_probe.py --epochs 15 --out out/frozen_probe.json
 
@@ -37,14 +38,16 @@ def tokens(cache: FeatureCache, paths: list[str]) -> torch.Tensor:  # -> [n,49,1
 
 
 @torch.inference_mode()
-def sentence_embeddings(texts: list[str], batch: int = 256) -> torch.Tensor:  # -> [n,384], L2-normalised
+def sentence_embeddings(texts: list[str], pool: str = "mean", batch: int = 256) -> torch.Tensor:  # -> [n,384], L2-normalised
+    """MiniLM's sentence embeddings: the mean over tokens (as all-MiniLM-L6-v2 was trained), or the [CLS] output
+    (what BLIP-2's text_proj reads)."""
     tok, enc = load_tokenizer(), AutoModel.from_pretrained(str(minilm_dir())).eval()
     out = []
     for i in range(0, len(texts), batch):
         b = tok(texts[i : i + batch], padding=True, truncation=True, max_length=40, return_tensors="pt")
         h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         m = b["attention_mask"][..., None].float()
-        out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+        out.append(F.normalize(h[:, 0] if pool == "cls" else (h * m).sum(1) / m.sum(1), dim=-1))
     return torch.cat(out)
 
 
@@ -55,6 +58,8 @@ def main() -> None:
     p.add_argument("--work", default="out/frozen_probe")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--text-pool", choices=("mean", "cls"), default="mean",
+                   help="MiniLM's mean over tokens, or its [CLS] output (the token BLIP-2's ITC reads)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     keep_freed_memory()
@@ -68,9 +73,10 @@ def main() -> None:
             FeatureCache.build(model, split.image_paths, directory)
     x_train = tokens(FeatureCache(Path(a.cache_dir)), train.image_paths)
     x_dev = tokens(FeatureCache(work / "dev_features"), dev.image_paths)
-    sentences = work / "sentences.pt"
+    sentences = work / ("sentences.pt" if a.text_pool == "mean" else f"sentences_{a.text_pool}.pt")
     if not sentences.is_file():
-        torch.save({"train": sentence_embeddings(train.captions), "dev": sentence_embeddings(dev.texts)}, sentences)
+        torch.save({"train": sentence_embeddings(train.captions, a.text_pool),
+                    "dev": sentence_embeddings(dev.texts, a.text_pool)}, sentences)
     s = torch.load(sentences)
     t_train, t_dev = s["train"], s["dev"]
     img_train = torch.tensor(train.pair_image)
@@ -110,7 +116,7 @@ def main() -> None:
             print(json.dumps(log[-1]), flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"split": "dev", "log": log}, indent=1) + "\n")
+        Path(a.out).write_text(json.dumps({"split": "dev", "text_pool": a.text_pool, "log": log}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

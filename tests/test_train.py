@@ -326,6 +326,28 @@ def test_training_goes_on_past_unreadable_images(tmp_path, small_dir, pairs, cap
     assert final.name == "step_0000002"
 
 
+@needs_data
+def test_cache_views_train_on_augmented_views_encoded_once(tmp_path, small_dir, encoder, pairs):
+    """--cache-views 3: two augmented views (random resized crop + flip) are encoded next to the plain cache,
+    the same on every build; each pair of each epoch reads one of the three."""
+    root = tmp_path / "features"
+    final = train(run_config(tmp_path / "run", small_dir, root, max_steps=2, cache_views=3))
+    assert final.name == "step_0000002"
+    plain, v1, v2 = (FeatureCache.open(d) for d in (root, root / "augment_1", root / "augment_2"))
+    assert (plain.augment_seed, v1.augment_seed, v2.augment_seed) == (None, 1, 2)
+    rows = list(range(len(plain)))
+    assert not torch.equal(plain[rows], v1[rows]) and not torch.equal(v1[rows], v2[rows])
+    again = FeatureCache.build(encoder, pairs.image_paths, tmp_path / "again", batch_size=8, progress=False,
+                               augment_seed=1)
+    assert torch.equal(again[rows], v1[rows])  # a view is a function of (seed, image), not of the run
+    with pytest.raises(ValueError, match="augmentation"):
+        FeatureCache.build(encoder, pairs.image_paths, root / "augment_1", progress=False, augment_seed=2)
+    ds = PairDataset(pairs, cache=[plain, v1, v2])
+    row = plain.row(pairs.image_paths[pairs.pair_image[7]])
+    for seed, view in ((30, plain), (31, v1), (32, v2)):
+        assert torch.equal(ds[(7, seed)]["image"], view[row])
+
+
 # ---- training -----------------------------------------------------------------------------------------------
 def fixed_batch_losses(model: Blip2Retriever, pairs, cache_dir: Path) -> dict[str, float]:
     """Eval-mode stage-1 losses on the same batches (all pairs, fixed order and ITM draws)."""
