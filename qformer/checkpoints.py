@@ -7,12 +7,14 @@ Nothing here executes pickled code: safetensors, or `torch.load(weights_only=Tru
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from qformer.config import QFormerConfig
@@ -20,6 +22,18 @@ from qformer.config import QFormerConfig
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+# ---- safe writing and reading -----------------------------------------------------------------------
+def write_safetensors(tensors: dict[str, Tensor], path: str | Path) -> None:
+    """Write tensors as a .safetensors file, whole or not at all (a temporary file renamed into place), with
+    the permissions of any new file (safetensors' own save_file creates it readable by its owner only)."""
+    path = Path(path)
+    data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 # ---- safe reading ------------------------------------------------------------------------------------
@@ -343,10 +357,9 @@ def write_native(
     d.mkdir(parents=True, exist_ok=True)
     if compact:
         qformer_state = compact_state_dict(qformer_state)
-    save_file({k: v.detach().contiguous().cpu() for k, v in qformer_state.items()}, str(d / NATIVE_WEIGHTS))
+    write_safetensors(qformer_state, d / NATIVE_WEIGHTS)
     if encoder_state:
-        save_file({k: v.detach().contiguous().cpu() for k, v in encoder_state.items()},
-                  str(d / NATIVE_ENCODER_WEIGHTS))
+        write_safetensors(encoder_state, d / NATIVE_ENCODER_WEIGHTS)
     meta = {"format": "qsearch", "version": FORMAT_VERSION, "qformer": config.to_dict(),
             "encoder": encoder_spec, "encoder_weights": bool(encoder_state),
             "weights": "int8-rows+fp16" if compact else "fp32", **(extra or {})}

@@ -47,7 +47,6 @@ from typing import Any
 
 import PIL.Image
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -311,14 +310,13 @@ class Blip2LLM(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        save_file(ckpt.compact_state_dict(state) if compact else state, str(d / STAGE2_WEIGHTS))
+        ckpt.write_safetensors(ckpt.compact_state_dict(state) if compact else state, d / STAGE2_WEIGHTS)
         enc_spec, enc_weights = None, False
         if self.encoder is not None:
             enc_spec = self.encoder.spec()
             # as Blip2Retriever.save_pretrained: weights only when the spec cannot rebuild them
             if enc_spec["kind"] == "hf_blip2_vision" or (enc_spec["kind"] == "open_clip" and not enc_spec.get("pretrained")):
-                save_file({k: v.contiguous().cpu() for k, v in self.encoder.state_dict().items()},
-                          str(d / ckpt.NATIVE_ENCODER_WEIGHTS))
+                ckpt.write_safetensors(self.encoder.state_dict(), d / ckpt.NATIVE_ENCODER_WEIGHTS)
                 enc_weights = True
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "name": self.name, "qformer": self.qformer.config.to_dict(),
                 "llm": self.llm_spec, "llm_width": self.llm_width, "is_encoder_decoder": self.is_encoder_decoder,

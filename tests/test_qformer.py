@@ -195,6 +195,22 @@ def test_compact_checkpoint_is_smaller_and_scores_alike(small_model_dir, tmp_pat
     assert torch.equal(sims[0].argmax(1), sims[1].argmax(1))
 
 
+def test_saved_checkpoint_files_have_the_usual_permissions(small_model_dir, tmp_path):
+    """save_pretrained writes whole files that others may read as the umask allows (safetensors' own save_file
+    would leave the weights readable by their owner only, e.g. unusable from a shared model directory)."""
+    import os
+
+    from qformer.factory import create_model
+
+    old = os.umask(0o022)
+    try:
+        d = create_model(small_model_dir).save_pretrained(tmp_path / "m", compact=True)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in d.iterdir() if f.is_file()}
+    assert modes == {"qformer.safetensors": 0o644, "qsearch.json": 0o644}, modes
+
+
 def test_bf16_itm_copy_on_cpu_fuses_the_bias_into_onednn_and_gives_the_same_bits(small_model_dir):
     import copy
 
