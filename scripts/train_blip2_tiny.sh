@@ -18,12 +18,13 @@ INIT=${INIT:-blip2-tiny-init}  # the untrained starting point; its frozen tower:
 STAGE1_STEPS=${STAGE1_STEPS:-2000}  # 2.1 epochs; 68.7 min on the 2-core CPU (model card)
 STAGE1_LR=${STAGE1_LR:-5e-4}  # peak; 1e-4 (LAVIS, for batch 1680 over 250k steps) learns 1.6x less mean recall in 100 steps here
 TEXT_LR_SCALE=${TEXT_LR_SCALE:-1.0}  # lr factor on the MiniLM-initialised text path (--text-lr-scale; model card)
+CACHE_VIEWS=${CACHE_VIEWS:-1}  # cached views per image, the plain one + augmented ones (--cache-views; model card)
 STAGE2_STEPS=${STAGE2_STEPS:-200}
 K_TEST=${K_TEST:-8}  # ITM re-ranking depth of the dev evaluation (the paper's 128 takes hours on a CPU)
 export HF_HUB_OFFLINE=1
 "$BIN/python" -m qformer.train --data-root "$F8K" --split train --model "$INIT" --device "$DEVICE" \
   --batch-size 32 --max-steps "$STAGE1_STEPS" --warmup-steps 50 --lr "$STAGE1_LR" --min-lr 1e-5 --seed 0 \
-  --text-lr-scale "$TEXT_LR_SCALE" --checkpoint-every 50 --out-dir "$RUN/stage1" --cache-dir "$RUN/features" --no-progress --resume
+  --text-lr-scale "$TEXT_LR_SCALE" --cache-views "$CACHE_VIEWS" --checkpoint-every 50 --out-dir "$RUN/stage1" --cache-dir "$RUN/features" --no-progress --resume
 "$BIN/python" - "$RUN/stage1/checkpoints/step_$(printf %07d "$STAGE1_STEPS")" <<'PY'
 import sys
 from qformer.factory import WEIGHTS_DIR, create_model
