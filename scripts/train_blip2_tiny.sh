@@ -15,10 +15,10 @@ RUN=${RUN:-runs/blip2-tiny}
 BIN=${BIN:-.venv/bin}
 DEVICE=${DEVICE:-auto}
 INIT=${INIT:-blip2-tiny-init}  # the untrained starting point; its frozen tower: Lite0, or Lite2 with -lite2
-STAGE1_STEPS=${STAGE1_STEPS:-2000}  # 2.1 epochs; 68.7 min on the 2-core CPU (model card)
+STAGE1_STEPS=${STAGE1_STEPS:-2000}  # 2.1 epochs; 68.7 min on a 2-core Zen 4, about 126 on a 2-core Xeon (model card)
 STAGE1_LR=${STAGE1_LR:-5e-4}  # peak; 1e-4 (LAVIS, for batch 1680 over 250k steps) learns 1.6x less mean recall in 100 steps here
 TEXT_LR_SCALE=${TEXT_LR_SCALE:-1.0}  # lr factor on the MiniLM-initialised text path (--text-lr-scale; model card)
-CACHE_VIEWS=${CACHE_VIEWS:-1}  # cached views per image, the plain one + augmented ones (--cache-views; model card)
+CACHE_VIEWS=${CACHE_VIEWS:-4}  # cached views per image, the plain one + augmented ones (--cache-views; v7; 1 = v5)
 STAGE2_STEPS=${STAGE2_STEPS:-200}
 K_TEST=${K_TEST:-8}  # ITM re-ranking depth of the dev evaluation (the paper's 128 takes hours on a CPU)
 export HF_HUB_OFFLINE=1
