@@ -52,7 +52,7 @@ class Captioner:
 
 
 def is_llm_captioner(model: str | Path) -> bool:
-    from qformer.stage2 import is_stage2_checkpoint
+    from qformer.blip2_llm import is_stage2_checkpoint
 
     return str(model) in STAGE2_MODELS or (Path(model).is_dir() and is_stage2_checkpoint(model))
 
@@ -63,7 +63,7 @@ def load_captioner(model: str | Path, device: str | torch.device = "cpu", num_be
     """The captioner of a stage-1 model (ITG) or a stage-2 model (LLM); unset settings take the paper's."""
     asked = {"num_beams": num_beams, "max_length": max_length, "min_length": min_length}
     if is_llm_captioner(model):
-        from qformer.stage2 import Blip2LLM, generate_llm_captions
+        from qformer.blip2_llm import Blip2LLM, generate_llm_captions
 
         m = Blip2LLM.from_pretrained(STAGE2_MODELS.get(str(model), model), device=device)
         if m.encoder is None:
@@ -97,8 +97,8 @@ def evaluate_captioner(captioner: Captioner, data: RetrievalSet, batch_size: int
                        progress: bool = True) -> dict[str, Any]:
     """Caption every image of `data` and score the captions against its reference captions: corpus BLEU-4
     and CIDEr-D (pycocoevalcap scorers; see `qformer.stage2.caption_metrics`)."""
+    from qformer.blip2_llm import caption_metrics
     from qformer.evaluate import ImageFiles
-    from qformer.stage2 import caption_metrics
 
     loader = DataLoader(ImageFiles(data.image_paths, captioner.preprocess), batch_size=batch_size,
                         num_workers=num_workers, worker_init_fn=lower_priority)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from qformer.model import CrossKV, QFormer, QueryKV
 
@@ -136,11 +136,13 @@ def soft_targets(pos: Tensor, smoothing: float = LABEL_SMOOTHING) -> Tensor:
     return (1.0 - smoothing) * p + smoothing / p.shape[1]
 
 
-def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, pos: Tensor, smoothing: float = LABEL_SMOOTHING) -> Tensor:
-    """Mean of the image->text and text->image soft-target cross-entropies; sims [B,G], pos [B,G] bool."""
-    targets = soft_targets(pos, smoothing)
-    loss_i2t = -(F.log_softmax(sim_i2t.float(), dim=1) * targets).sum(1).mean()
-    loss_t2i = -(F.log_softmax(sim_t2i.float(), dim=1) * targets).sum(1).mean()
+def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, pos: Tensor, smoothing: float = LABEL_SMOOTHING,
+             pos_t2i: Tensor | None = None) -> Tensor:
+    """Mean of the image->text and text->image soft-target cross-entropies; sims [B,G], pos [B,G] bool.
+    pos_t2i: the text->image positives when they differ from `pos` (sim_t2i [T,B] against sim_i2t [B,T])."""
+    loss_i2t = -(F.log_softmax(sim_i2t.float(), dim=1) * soft_targets(pos, smoothing)).sum(1).mean()
+    targets_t2i = soft_targets(pos if pos_t2i is None else pos_t2i, smoothing)
+    loss_t2i = -(F.log_softmax(sim_t2i.float(), dim=1) * targets_t2i).sum(1).mean()
     return (loss_i2t + loss_t2i) / 2
 
 
@@ -280,21 +282,3 @@ def stage1_losses(
     loss_itg = itg_loss(qformer, kv, input_ids, text_mask, query_kv=query_kv)
 
     return {"itc": loss_itc, "itm": loss_itm, "itg": loss_itg, "loss": loss_itc + loss_itm + loss_itg}
-
-
-class Stage1Objective(nn.Module):
-    """`stage1_losses` as a module, so that a DistributedDataParallel wrapper sees the forward call."""
-
-    def __init__(self, qformer: QFormer):
-        super().__init__()
-        self.qformer = qformer
-
-    def forward(
-        self,
-        image_tokens: Tensor,
-        input_ids: Tensor,
-        text_mask: Tensor,
-        image_ids: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, Tensor]:
-        return stage1_losses(self.qformer, image_tokens, input_ids, text_mask, image_ids, generator)

@@ -26,6 +26,9 @@ CrossKV = list[tuple[Tensor, Tensor]]  # per cross-attention layer: keys, values
 QueryKV = list[tuple[Tensor, Tensor]]  # per layer: the queries' self-attention keys, values [B, heads, Q, H/heads]
 
 
+TEXT_PATH = ("embeddings.", ".attn.", ".ffn_text.")  # parameter names of the text path: what the language model initialises
+
+
 def attention_mask(kind: MaskKind, num_queries: int, text_mask: Tensor) -> Tensor:
     """Boolean self-attention mask [B,1,Q+L,Q+L] (True = may attend) for queries followed by text.
 

@@ -20,7 +20,7 @@ from qformer.features import FeatureCache
 from qformer.losses import stage1_losses
 from qformer.malloc import keep_freed_memory
 from qformer.tokenizer import TRAIN_MAX_LENGTH, tokenize
-from qformer.train import load_pairs
+from qformer.pairs import load_pairs
 
 
 @torch.no_grad()

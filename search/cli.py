@@ -204,26 +204,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def cmd_train_stage1(args: argparse.Namespace) -> int:
-    """Stage-1 training (ITC + ITM + ITG) of the Q-Former."""
-    import logging
+def cmd_train(args: argparse.Namespace) -> int:
+    """Training of either stage: the same run as `python -m qformer.train`."""
+    from qformer.train import config_from_args, run
 
-    from qformer.train import config_from_args, train
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"final checkpoint: {train(config_from_args(args))}")
-    return 0
-
-
-def cmd_train_stage2(args: argparse.Namespace) -> int:
-    """Stage-2 training: Q-Former soft prompts into a frozen LLM."""
-    import logging
-
-    from qformer.stage2 import config_from_args, train_stage2
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"final checkpoint: {train_stage2(config_from_args(args))}")
-    return 0
+    return run(config_from_args(args))
 
 
 def cmd_bench_retrieval(args: argparse.Namespace) -> int:
@@ -398,16 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=8501)
     u.set_defaults(func=cmd_ui)
 
-    t = sub.add_parser("train", help="training")
-    tsub = t.add_subparsers(dest="stage", required=True)
     from qformer.train import add_arguments
 
-    add_arguments(tsub.add_parser("stage1", help="stage 1: ITC + ITM + ITG on image-caption pairs"))
-    tsub.choices["stage1"].set_defaults(func=cmd_train_stage1)
-    from qformer.stage2 import add_arguments as add_stage2_arguments
-
-    add_stage2_arguments(tsub.add_parser("stage2", help="stage 2: Q-Former soft prompts into a frozen LLM"))
-    tsub.choices["stage2"].set_defaults(func=cmd_train_stage2)
+    t = add_arguments(sub.add_parser("train", help="training: stage 1 (ITC + ITM + ITG) or --stage 2 (frozen LLM)"))
+    t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -52,9 +52,9 @@ def test_blip2_tiny_llm_is_trained_on_flickr8k():
     import PIL.Image
     import torch
 
+    from qformer.blip2_llm import SMOLLM2, Blip2LLM, load_llm
     from qformer.captioner import STAGE2_MODELS
     from qformer.datasets import load_retrieval_set
-    from qformer.stage2 import SMOLLM2, Blip2LLM, load_llm
 
     llm = load_llm(SMOLLM2)
     trained = Blip2LLM.from_pretrained(STAGE2_MODELS["blip2-tiny-llm"], llm=llm)

@@ -28,24 +28,21 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from qformer.config import QFormerConfig
-from qformer.model import QFormer
-from qformer.stage2 import (
+from qformer.blip2_llm import (
     SMOLLM2,
     STAGE2_CONFIG,
     STAGE2_WEIGHTS,
     Blip2LLM,
-    Stage2Config,
-    add_arguments,
     caption_images_llm,
     caption_metrics,
-    config_from_args,
     generate_llm_captions,
     generate_llm_token_ids,
     load_llm,
     prefix_lm_split,
-    train_stage2,
 )
+from qformer.config import QFormerConfig
+from qformer.model import QFormer
+from qformer.train import TrainConfig, add_arguments, config_from_args, train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/data/flickr8k"
@@ -328,7 +325,8 @@ def stage1_dir(tmp_path_factory) -> Path:
 
 
 def test_train_stage2_resumes_bit_exact(tmp_path, stage1_dir):
-    from qformer.train import CaptionPairs, list_checkpoints
+    from qformer.pairs import CaptionPairs
+    from qformer.train import list_checkpoints
 
     images = sorted(FIXTURE_IMAGES.glob("*.png"))[:4]
     pairs = CaptionPairs(images, CAPTIONS, list(range(4)))
@@ -336,7 +334,7 @@ def test_train_stage2_resumes_bit_exact(tmp_path, stage1_dir):
     base = dict(model=str(stage1_dir), llm=str(llm_dir), batch_size=2, max_steps=4, warmup_steps=1, lr=1e-3,
                 checkpoint_every=2, keep_checkpoints=0, log_every=1, progress=False,
                 cache_dir=str(tmp_path / "features"))
-    full = train_stage2(Stage2Config(out_dir=str(tmp_path / "a"), **base), pairs)
+    full = train(TrainConfig(stage=2, out_dir=str(tmp_path / "a"), **base), pairs)
     assert [d.name for d in list_checkpoints(tmp_path / "a")] == ["step_0000002", "step_0000004"]
     records = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in records)
@@ -344,7 +342,7 @@ def test_train_stage2_resumes_bit_exact(tmp_path, stage1_dir):
     # a run that "died" after its step-2 checkpoint, resumed
     (tmp_path / "b/checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a/checkpoints/step_0000002", tmp_path / "b/checkpoints/step_0000002")
-    resumed = train_stage2(Stage2Config(out_dir=str(tmp_path / "b"), resume="latest", **base), pairs)
+    resumed = train(TrainConfig(stage=2, out_dir=str(tmp_path / "b"), resume="latest", **base), pairs)
     a = Blip2LLM.from_pretrained(full).trainable_state_dict()
     b = Blip2LLM.from_pretrained(resumed).trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -362,11 +360,12 @@ def test_train_stage2_resumes_bit_exact(tmp_path, stage1_dir):
 def test_cli_arguments():
     import argparse
 
-    args = add_arguments(argparse.ArgumentParser()).parse_args(["--llm", "some/dir", "--no-prefix-lm",
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--stage", "2", "--llm", "some/dir", "--no-prefix-lm",
                                                                 "--max-steps", "7", "--resume"])
     cfg = config_from_args(args)
     assert (cfg.llm, cfg.prefix_lm, cfg.max_steps, cfg.resume, cfg.prompt) == ("some/dir", False, 7, "latest",
                                                                                "a photo of")
+    assert (cfg.stage, cfg.out_dir) == (2, "runs/stage2")
 
 
 # ---- the real SmolLM2 --------------------------------------------------------------------------------------

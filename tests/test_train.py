@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,19 +35,9 @@ from qformer.losses import (
     stage1_losses,
 )
 from qformer.model import QFormer
+from qformer.pairs import CaptionPairs, Collate, EpochBatches, PairDataset, load_pairs
 from qformer.tokenizer import TRAIN_MAX_LENGTH, load_tokenizer, tokenize
-from qformer.train import (
-    CaptionPairs,
-    Collate,
-    EpochBatches,
-    PairDataset,
-    TrainConfig,
-    list_checkpoints,
-    load_pairs,
-    load_train_state,
-    lr_at,
-    train,
-)
+from qformer.train import TrainConfig, list_checkpoints, load_train_state, lr_at, train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/flickr8k"
 REPO = Path(__file__).resolve().parents[1]
@@ -393,7 +384,7 @@ def test_text_lr_scale_scales_only_the_language_model_initialised_text_path(tmp_
     """--text-lr-scale 0 keeps the embeddings, self-attention and text FFNs where they started while the
     queries, cross-attention, query FFNs and heads train; the checkpoint keeps the groups' scales, and resuming
     at another scale is refused."""
-    from qformer.train import TEXT_PATH
+    from qformer.model import TEXT_PATH
 
     train(run_config(tmp_path, small_dir, cache_dir, max_steps=3, checkpoint_every=3, text_lr_scale=0.0))
     start = load_file(str(Path(small_dir) / "qformer.safetensors"))
@@ -412,6 +403,59 @@ def test_text_lr_scale_scales_only_the_language_model_initialised_text_path(tmp_
     with pytest.raises(ValueError, match="--text-lr-scale 0.0"):  # resuming at another scale: a clear error
         train(run_config(tmp_path, small_dir, cache_dir, max_steps=6, checkpoint_every=3, text_lr_scale=0.5,
                          resume="latest"))
+
+
+def locked_itc_loss(model: Blip2Retriever, pairs, cache_dir: Path) -> float:
+    """The locked-text ITC loss of every image against every caption, in eval mode."""
+    from qformer.stage1 import LockedTextITC, text_cls_states
+
+    q = model.qformer.eval()
+    objective = LockedTextITC(q, text_cls_states(q, model.tokenizer, pairs.captions), pairs.pair_image)
+    tokens = FeatureCache.open(cache_dir)[list(range(len(pairs.image_paths)))]
+    with torch.no_grad():
+        return float(objective(tokens, {"image_ids": torch.arange(len(pairs.image_paths))})["loss"])
+
+
+@needs_data
+def test_locked_text_warmup_trains_itc_on_what_sees_the_image(tmp_path, small_dir, cache_dir, pairs):
+    """--lock-text --objectives itc: the ITC loss falls on fixed batches; every text-path parameter (and the
+    ITM/ITG heads, which ITC does not use) is bit-for-bit the starting one, while queries, cross-attention,
+    query FFNs and the projections train; a resumed run ends with identical weights."""
+    from qformer.model import TEXT_PATH
+
+    common = dict(lock_text=True, objectives="itc", batch_size=4, max_steps=8, checkpoint_every=4,
+                  keep_checkpoints=0, lr=2e-3)
+    straight = train(run_config(tmp_path / "a", small_dir, cache_dir, **common))
+    start = load_file(str(Path(small_dir) / "qformer.safetensors"))
+    end = load_file(str(straight / "qformer.safetensors"))
+    text = [k for k in start if any(t in f".{k}" for t in TEXT_PATH)]
+    assert any(".attn." in k for k in text) and any(".ffn_text." in k for k in text)
+    frozen = text + [k for k in start if k.startswith(("itm_head.", "lm_head."))]
+    assert all(torch.equal(start[k], end[k]) for k in frozen)
+    moved = {k for k in start if k not in frozen and not torch.equal(start[k], end[k])}
+    assert {"query_tokens", "vision_proj.weight", "text_proj.weight"} <= moved
+    assert any(".cross." in k for k in moved) and any(".ffn_query." in k for k in moved)
+    # the warm-up's ITC loss on all images and captions at once (eval mode) is lower after training
+    before, after = (locked_itc_loss(create_model(d), pairs, cache_dir) for d in (small_dir, straight))
+    assert after < before - 0.05, (before, after)
+    records = [json.loads(ln) for ln in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9)) and "images_per_s" in records[0]
+    assert set(records[0]) >= {"itc", "loss", "temp"} and "itm" not in records[0]
+    # resume from the step-4 checkpoint: the same final weights
+    (tmp_path / "b/checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a/checkpoints/step_0000004", tmp_path / "b/checkpoints/step_0000004")
+    resumed = train(run_config(tmp_path / "b", small_dir, cache_dir, resume="latest", **common))
+    again = load_file(str(resumed / "qformer.safetensors"))
+    assert all(torch.equal(end[k], again[k]) for k in end)
+
+
+def test_locked_text_needs_the_itc_objective(tmp_path):
+    with pytest.raises(ValueError, match="--objectives itc"):
+        train(TrainConfig(lock_text=True, out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="--lock-text"):
+        train(TrainConfig(objectives="itc", out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="stage-1 options"):
+        train(TrainConfig(stage=2, lock_text=True, objectives="itc", out_dir=str(tmp_path)))
 
 
 @needs_data
@@ -621,7 +665,7 @@ def test_eval_every_epoch_and_metrics_plot(tmp_path, small_dir):
     import xml.etree.ElementTree as ET
 
     from qformer.evaluate import evaluate_retrieval
-    from qformer.train import retrieval_set_from_pairs
+    from qformer.pairs import retrieval_set_from_pairs
 
     manifest = split_manifest(tmp_path / "data")
     # 16 training pairs, batch 8: two steps per epoch -> evaluations after steps 2 and 4 and at the end (5)
