@@ -28,9 +28,9 @@ from qformer.datasets import load_flickr8k
 from qformer.factory import create_model
 from qformer.features import FeatureCache
 from qformer.malloc import keep_freed_memory
+from qformer.pairs import load_pairs
 from qformer.retrieval import recall_at_k
 from qformer.tokenizer import load_tokenizer, minilm_dir
-from qformer.pairs import load_pairs
 
 
 def tokens(cache: FeatureCache, paths: list[str]) -> torch.Tensor:  # -> [n,49,1280] fp32

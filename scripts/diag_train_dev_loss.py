@@ -19,8 +19,8 @@ from qformer.factory import create_model
 from qformer.features import FeatureCache
 from qformer.losses import stage1_losses
 from qformer.malloc import keep_freed_memory
-from qformer.tokenizer import TRAIN_MAX_LENGTH, tokenize
 from qformer.pairs import load_pairs
+from qformer.tokenizer import TRAIN_MAX_LENGTH, tokenize
 
 
 @torch.no_grad()
