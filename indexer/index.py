@@ -163,8 +163,8 @@ class Index:
     def max_query_sims(self, text_embed: np.ndarray) -> np.ndarray:
         """ITC of every image against one text embedding [D]: the max over its Q stored query embeddings ->
         [n] float32, in `image_ids()` order. An exact scan of the memory-mapped embeddings with torch's
-        matrix-vector products: on a CPU the same ranking as FAISS's Flat index, twice as fast
-        (README, "Engine")."""
+        matrix-vector products: on a CPU the same ranking as FAISS's Flat index, faster, and without a second
+        OpenMP runtime beside torch's (docs/benchmarks.md)."""
         t = torch.from_numpy(np.ascontiguousarray(text_embed, dtype=np.float32).reshape(-1))
         out = torch.empty(len(self._ids), dtype=torch.float32)
         for sel, rows, emb in self._scan_plan():
@@ -204,8 +204,8 @@ class Index:
 
     @property
     def image_precision(self) -> str:
-        """The arithmetic this index's images were embedded in ("bf16" | "fp32"; indexes from before it was
-        recorded: fp32)."""
+        """The arithmetic this index's images were embedded in ("bf16" | "fp32"; fp32 when the manifest does
+        not record it)."""
         return self.manifest.get("image_precision", "fp32")
 
     def info(self) -> dict[str, Any]:

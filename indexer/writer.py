@@ -1,4 +1,4 @@
-"""One writing session on an index (under the writer lock): load the current generation, write shards,
+"""One writer of an index (under the writer lock): load the current generation, write shards,
 and commit new generations. Used by `build_index` and `remove_from_index`.
 
 Commit = write the FAISS file, metadata and skipped Parquet of generation g+1 (shards are already on

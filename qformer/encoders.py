@@ -369,7 +369,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
             stage_depths = [len(stage) for stage in self.model.blocks]
             self.model.load_state_dict(convert_lukemelas_efficientnet_lite(sd, stage_depths), strict=True)
         # inference layout: BatchNorm folded into the convolutions, NHWC (channels_last) activations;
-        # together about 2.5x faster on CPU, same outputs to ~1e-5 (frozen, so the BN stats never change)
+        # faster on CPU, same outputs to ~1e-5 (frozen, so the BN stats never change)
         fold_batchnorm(self.model)
         self.model.to(memory_format=torch.channels_last)
         self.width = self.model.num_features  # 1280
@@ -381,8 +381,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
         self._freeze()
 
     # On CPU a batch runs through the tower in chunks of this many images: their activations (a few MB an
-    # image at 224 px) then stay in the CPU's caches. Per image the outputs are the same; on the project's
-    # 2-core CPU, Lite0 at batch 32 goes from about 36 to about 65 images/s (`scripts/bench_engine.py`).
+    # image at 224 px) then stay in the CPU's caches, which is faster. Per image the outputs are the same.
     cpu_chunk: int = 4
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ class Blip2Retriever(nn.Module):
 
     def text_encoder(self) -> QFormer:
         """What `embed_texts` runs. On CPU in fp32: a copy of the Q-Former's text path with fbgemm-packed fp16
-        weights (a one-text query about 1.5x faster, embeddings within ~1e-4; see qformer/packed.py), rebuilt
+        weights (a one-text query is faster, embeddings within ~1e-4; see qformer/packed.py), rebuilt
         whenever the Q-Former's weights change. Anywhere else: the Q-Former itself."""
         q = self.qformer
         if self.device.type != "cpu" or q.query_tokens.dtype != torch.float32 or not packed_fp16_available():

@@ -2,12 +2,11 @@
 
 By default glibc serves large blocks with fresh `mmap`s and returns memory to the kernel as soon as it is
 freed, so every step of an ITM re-rank or a training loop faults in, zero-fills and unmaps again the same
-tens of megabytes of activations. On the project's 2-core VM that page-fault traffic cost about a sixth of
-an ITM@128 re-rank and a fifth of a stage-1 step (README, "Benchmarks": the allocator). `keep_freed_memory` turns it off
-for the calling process: blocks come from the heap and stay there when freed, so the next step reuses
-pages that are already mapped. The price is memory: the process keeps its peak heap until it exits, and
-varying shapes fragment it (a stage-1 trainer of blip2-tiny grew to about 1 GB more than with glibc's
-default). `QSEARCH_MALLOC=default` in the environment leaves glibc as it is.
+tens of megabytes of activations; that page-fault traffic is a sizeable part of an ITM re-rank and of a
+training step on CPU (docs/benchmarks.md). `keep_freed_memory` turns it off for the calling process: blocks
+come from the heap and stay there when freed, so the next step reuses pages that are already mapped. The
+price is memory: the process keeps its peak heap until it exits, and varying shapes fragment it.
+`QSEARCH_MALLOC=default` in the environment leaves glibc as it is.
 
 qsearch's entry points (`qsearch …`, the Streamlit app, `python -m qformer.train|stage2`, the benchmark
 scripts) call it once at start; a program that uses qsearch as a library may call it too.

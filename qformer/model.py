@@ -113,14 +113,14 @@ class Attention(nn.Module):
 
 def cpu_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:
     """Attention [B,heads,T,d] of q [B,heads,T,d] on k, v [B,heads,S,d] (mask [B,1,T,S] bool) as two batched
-    products around a softmax, with `dropout` on the probabilities when dropout_p > 0. On the project's 2-core
-    CPU it beats torch's kernels twice over:
-    - bf16 inference: 7.6 ms against 11.3 ms for ITM@128's self-attention [128,12,48,32] (Zen 4);
-    - training: torch's attention draws its dropout mask with one `bernoulli_` per probability (38 ms for a
-      stage-1 step's [96,12,56,56]); `dropout` draws it four times cheaper.
-    The softmax runs on an fp32 copy of bf16 scores, rounded once: torch's bf16 softmax kernel was twice as
-    slow for rows this short (8.3 against 4.4 ms for [128,12,46,46] on a Xeon with AMX) and differs from
-    it by at most one bf16 ulp in a few elements per million."""
+    products around a softmax, with `dropout` on the probabilities when dropout_p > 0.
+
+    `Attention` uses it on CPU in two cases where it is faster than torch's kernels (docs/benchmarks.md):
+    - bf16 inference (the ITM re-ranker): for ITM's short sequences two plain products beat the fused kernel;
+    - training with dropout: torch's attention draws its dropout mask with one `bernoulli_` per probability,
+      `dropout` draws it from fewer, wider random words.
+    The softmax runs on an fp32 copy of bf16 scores, rounded back once: torch's bf16 softmax kernel is slower
+    for rows this short, and the result differs from it by at most one bf16 ulp in a few elements per million."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # [B,heads,T,S]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -132,9 +132,10 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
 
     On CPU the keep mask is read from 16-bit slices of 64-bit random integers, four elements per two draws of
-    torch's generator where `F.dropout` makes one `bernoulli_` draw per element: about 3x faster, the largest
-    single cost of a stage-1 step before. The drop probability is rounded to a multiple of 2^-16 (0.1 ->
-    0.100006). Elsewhere (GPUs) this is `F.dropout`. Seeded by torch's global generator either way."""
+    torch's generator, where `F.dropout` makes one `bernoulli_` draw per element; drawing the mask is a large
+    part of a CPU training step, so this matters (docs/benchmarks.md). The drop probability is rounded to a
+    multiple of 2^-16 (0.1 -> 0.100006). Elsewhere (GPUs) this is `F.dropout`. Seeded by torch's global
+    generator either way."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":

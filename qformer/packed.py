@@ -4,20 +4,17 @@
 packed for fbgemm.
 
 At batch 1 a text query's 37 matrix products are bound by reading the weights (42 MB in fp32 for
-blip2-tiny's 6 layers), not by arithmetic. fbgemm's fp16 GEMM reads half the bytes and computes in fp32:
-on the project's 2-core CPU the text embedding drops from about 14 ms to 10 ms, and the embeddings move by
-at most ~1e-4 (less than the fp16 storage of the index's own image embeddings). `Blip2Retriever.embed_texts`
-uses it for every text on CPU, so the search engine and the retrieval benchmark embed texts alike. Image
-embeddings and ITM keep fp32 weights: at their batch sizes fbgemm's fp16 GEMM is about 13% slower.
+blip2-tiny's 6 layers), not by arithmetic. fbgemm's fp16 GEMM reads half the bytes and computes in fp32, so
+a text query is faster, and the embeddings move by at most ~1e-4 (less than the fp16 storage of the index's
+own image embeddings). `Blip2Retriever.embed_texts` uses it for every text on CPU, so the search engine and
+the retrieval benchmark embed texts alike. Image embeddings and ITM keep fp32 weights: at their batch sizes
+fbgemm's fp16 GEMM is slower than fp32.
 
 `bf16_itm_encoder`: the ITM re-ranker with bf16 weights, for devices with native bf16. Under bf16 autocast
-every call re-casts each weight and LayerNorm output; stored in bf16 they are cast once. On the project's
-CPU the Q-Former passes of a synthetic ITM@128 took 310 ms under autocast and 263 ms on the copy (the
-README's "Engine" section has the end-to-end A/B). On a CPU with native bf16 its linear layers are
-`OneDnnBf16Linear`:
-the same oneDNN product with the bias added inside it. nn.Linear's bf16 path first copies the bias into
-every output row and then accumulates onto it, a pass over each output that cost about 8% of ITM@128; the
-fused product gives the same bits.
+every call re-casts each weight and LayerNorm output; stored in bf16 they are cast once. On a CPU with
+native bf16 its linear layers are `OneDnnBf16Linear`: the same oneDNN product with the bias added inside it.
+nn.Linear's bf16 path first copies the bias into every output row and then accumulates onto it, an extra
+pass over each output; the fused product gives the same bits. docs/benchmarks.md has the timings.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Which low-precision arithmetic a device runs natively, and the autocast that uses it.
 
-bf16 halves the cost of the matrix products that dominate the Q-Former on hardware with bf16 units: CUDA
-GPUs from Ampere on, and CPUs with AVX512-BF16 or AMX (Zen 4 and later, Sapphire Rapids and later). On the
-project's 2-core Zen 4 CPU a [4096,384]x[384,1536] product runs at 96 GFLOP/s in fp32 and 214 in bf16;
-elsewhere bf16 would be emulated and slower, so nothing switches to it there.
+bf16 roughly halves the cost of the matrix products that dominate the Q-Former on hardware with bf16 units:
+CUDA GPUs from Ampere on, and CPUs with AVX512-BF16 or AMX (Zen 4 and later, Sapphire Rapids and later);
+docs/benchmarks.md has the measured rates. Elsewhere bf16 would be emulated and slower, so "auto" never
+switches to it there.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import os
 
 # Niceness added to decoding workers. On a machine with as many busy cores as the model has threads, a
 # decoder at normal priority preempts one of the model's OpenMP threads and the whole parallel region
-# waits for it; at nice 19 decoders run in the model's idle moments instead (measured on the 2-core CPU:
-# indexing 512 Flickr8k images, 2 workers, 25.2 img/s at nice 0 against 28.1 at nice 19).
+# waits for it; at nice 19 decoders run in the model's idle moments instead, which indexes faster
+# (docs/benchmarks.md).
 DECODE_NICE = 19
 
 

@@ -54,6 +54,28 @@ def index_dir(collection, small_model_dir, tmp_path_factory):
     return d
 
 
+# captions for the captioned index: each names its photo with words no other caption uses
+CAPTIONS = {"chelsea": "a tabby cat looks up", "astronaut": "a woman in an orange space suit",
+            "coffee": "a cup of coffee on a saucer", "rocket": "a rocket stands on the launch pad",
+            "camera": "a man holds a tripod camera", "moon": "the grey surface of the moon",
+            "brick": "a red brick wall", "grass": "a patch of green grass", "hubble_deep_field": "galaxies in space",
+            "retina": "a scan of an eye"}
+
+
+@pytest.fixture(scope="module")
+def captioned_index(collection, small_model_dir, tmp_path_factory):
+    """The ten original photos with a `caption` column, for hybrid (BM25 + dense) text search."""
+    manifest = collection / "captioned.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "caption"])
+        w.writeheader()
+        w.writerows({"path": str(collection / f"{n}.jpg"), "caption": c} for n, c in CAPTIONS.items())
+    d = tmp_path_factory.mktemp("ui_captioned") / "index"
+    assert main(["index", str(d), str(manifest), "--model", str(small_model_dir),
+                 "--device", "cpu", "--workers", "0", "--json"]) == 0
+    return d
+
+
 def app(index_dir, monkeypatch, **query_params) -> AppTest:
     monkeypatch.setenv("QSEARCH_INDEX", str(index_dir))
     at = AppTest.from_file(APP, default_timeout=120)
@@ -96,6 +118,43 @@ def test_rerank_toggle_off_shows_itc_only(index_dir, monkeypatch):
     at.text_input(key="q").input("a rocket").run()
     scores = [m.value for m in at.markdown if m.value.startswith("**#")]
     assert scores and all("ITC" in s and "ITM" not in s for s in scores)
+
+
+def score_lines(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if m.value.startswith("**#")]
+
+
+def test_hybrid_toggle_fuses_bm25_over_stored_captions(captioned_index, monkeypatch):
+    from search.engine import Searcher
+
+    searcher = Searcher(captioned_index)
+    at = app(captioned_index, monkeypatch)
+    at.toggle(key="rerank_on").set_value(False)  # ITC only: the fused order is what the page shows
+    for query, photo in (("a saucer", "coffee.jpg"), ("the launch pad", "rocket.jpg")):
+        at.toggle(key="hybrid").set_value(False)
+        at.text_input(key="q").input(query).run()
+        dense = [h.path for h in searcher.search(query, k=12, rerank=0)]
+        assert result_paths(at) == dense  # off: the dense ranking alone
+        at.toggle(key="hybrid").set_value(True).run()
+        assert not at.error and not at.exception
+        fused = result_paths(at)
+        assert fused == [h.path for h in searcher.search(query, k=12, rerank=0, hybrid=True)]
+        assert fused[0].endswith(photo)  # the one caption with the query's words leads the fused ranking
+    assert not at.toggle(key="expand").value  # the other expansion stays off
+
+
+def test_caption_expansion_toggle_adds_the_image_caption_to_an_image_query(index_dir, monkeypatch, collection):
+    at = app(index_dir, monkeypatch)
+    data = (collection / "coffee.jpg").read_bytes()
+    at.file_uploader(key="upload").set_value(("query.jpg", data, "image/jpeg")).run()
+    assert score_lines(at) and all("image" in s and "ITC" not in s for s in score_lines(at))  # image only
+    at.toggle(key="hybrid").set_value(True).run()  # hybrid is for text: an image query stays image only
+    assert not at.error and all("ITC" not in s for s in score_lines(at))
+    at.toggle(key="hybrid").set_value(False)
+    at.toggle(key="expand").set_value(True).run()
+    assert not at.error and not at.exception
+    lines = score_lines(at)  # the generated caption is now the query's text: ITC and ITM scores appear
+    assert lines and all("image" in s and "ITC" in s and "ITM" in s for s in lines)
 
 
 def test_paging_walks_through_all_results(index_dir, monkeypatch):

@@ -1,7 +1,7 @@
 """A real headless Chromium (Debian's `chromium`, driven by Playwright) against the running `qsearch ui`.
 
 Indexes a few real photos, types a query, uploads an image, applies a filter, tries path-traversal URLs,
-and saves a screenshot to `out/test-artifacts/ui-search.png` (QSEARCH_ARTIFACTS overrides the folder).
+switches the two query expansions (hybrid text search, caption expansion) one at a time, and saves a screenshot to `out/test-artifacts/ui-search.png` (QSEARCH_ARTIFACTS overrides the folder).
 `.ci/run` installs Chromium with apt-get; elsewhere the test skips when it is missing.
 """
 
@@ -30,6 +30,10 @@ ARTIFACTS = Path(os.environ.get("QSEARCH_ARTIFACTS", Path(__file__).resolve().pa
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 SECRET = "qsearch-secret-7f3a9c"  # a file beside the collection that must never be served
+CAPTIONS = {"chelsea": "a tabby cat looks up", "astronaut": "a woman in an orange space suit",
+            "coffee": "a cup of coffee on a saucer", "rocket": "a rocket stands on the launch pad",
+            "camera": "a man holds a tripod camera", "moon": "the grey surface of the moon",
+            "brick": "a red brick wall", "grass": "a patch of green grass"}  # stored captions, for BM25
 
 
 def _free_port() -> int:
@@ -40,20 +44,21 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, small_model_dir):
-    """Index 8 real photos (with a `kind` column), start `qsearch ui`, yield its base URL."""
+    """Index 8 real photos (with `kind` and `caption` columns), start `qsearch ui`, yield its base URL."""
     from skimage import data as samples
 
     root = tmp_path_factory.mktemp("browser")
     photos = root / "photos"
     photos.mkdir()
     rows = []
-    for name in ["chelsea", "astronaut", "coffee", "rocket", "camera", "moon", "brick", "grass"]:
+    for name, caption in CAPTIONS.items():
         im = Image.fromarray(getattr(samples, name)()).convert("RGB")
         im.thumbnail((256, 256))
         im.save(photos / f"{name}.jpg")
-        rows.append({"path": str(photos / f"{name}.jpg"), "kind": "animal" if name == "chelsea" else "other"})
+        rows.append({"path": str(photos / f"{name}.jpg"), "kind": "animal" if name == "chelsea" else "other",
+                     "caption": caption})
     with open(photos / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "kind"])
+        w = csv.DictWriter(f, fieldnames=["path", "kind", "caption"])
         w.writeheader()
         w.writerows(rows)
     (root / "secret.txt").write_text(SECRET)
@@ -164,3 +169,33 @@ def test_search_upload_filter_and_traversal_in_a_real_browser(served, page):
     pg.goto(f"{base}/?like={served['root'] / 'secret.txt'}")
     pg.get_by_text("needs an image of this index").wait_for()
     assert SECRET not in pg.content()
+
+
+def test_hybrid_and_caption_expansion_are_two_toggles_in_a_real_browser(served, page):
+    pg, base = page, served["base"]
+    pg.goto(base)  # a new session: both expansions off
+    pg.get_by_text("qsearch").first.wait_for()
+    hybrid, expand = (pg.get_by_role("switch", name=n) for n in ("Hybrid text search", "Caption expansion"))
+    flip = {n: pg.locator("label", has_text=n) for n in ("Re-rank with ITM", "Hybrid text search", "Caption expansion")}
+    flip["Re-rank with ITM"].click()  # ITC only: the page shows the fused order
+
+    # 1. hybrid text search: BM25 over the stored captions puts the one caption with the query's words first
+    box = pg.get_by_role("textbox", name="Search", exact=True)
+    box.fill("the launch pad")
+    box.press("Enter")
+    wait_for_results(pg)
+    flip["Hybrid text search"].click()
+    fused = wait_for_results(pg, until=lambda paths: paths[:1] == [str(served["photos"] / "rocket.jpg")])
+    assert len(fused) == 8 and not expand.is_checked() and hybrid.is_checked()
+    pg.screenshot(path=str(ARTIFACTS / "ui-hybrid.png"), full_page=True)
+
+    # 2. caption expansion: an image-only query gains the image's generated caption as its text (ITC scores)
+    box.fill("")
+    box.press("Enter")
+    pg.locator('input[type="file"]').set_input_files(str(served["photos"] / "coffee.jpg"))
+    pg.get_by_text("· image", exact=False).first.wait_for()
+    wait_for_results(pg)
+    assert pg.get_by_text("· ITC", exact=False).count() == 0  # image only, hybrid on or not
+    flip["Caption expansion"].click()
+    pg.get_by_text("· ITC", exact=False).first.wait_for()
+    assert len(wait_for_results(pg)) == 8 and expand.is_checked()

@@ -52,8 +52,12 @@ def thumbnail(index_dir: str, generation: str, image_id: int) -> bytes:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def run_search(index_dir: str, generation: str, text: str, upload: bytes | None, like: int | None, k: int,
-               offset: int, rerank: int, expand: bool, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-    """One page of results, as plain dicts (cached: paging back and forth does not search again)."""
+               offset: int, rerank: int, expand: bool, hybrid: bool, where: str,
+               params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """One page of results, as plain dicts (cached: paging back and forth does not search again).
+
+    expand: an image query's generated caption joins it as text. hybrid: the text's candidates fuse BM25 over
+    the stored captions with the dense ranking. The engine applies each where it means something."""
     searcher = load_searcher(index_dir, generation)
     image = None
     if upload is not None:
@@ -62,8 +66,7 @@ def run_search(index_dir: str, generation: str, text: str, upload: bytes | None,
         image = core.read_indexed_image(searcher.index, like)
     text = text.strip() or None
     hits = searcher.search(text=text, image=image, k=k, offset=offset, rerank=rerank, where=where or None,
-                           params=list(params), expand=expand and image is not None,
-                           hybrid=expand and image is None and text is not None)
+                           params=list(params), expand=expand, hybrid=hybrid)
     return [asdict(h) for h in hits]
 
 
@@ -118,9 +121,11 @@ def sidebar_controls(searcher: Searcher) -> dict[str, Any]:
                           help="Re-score the best ITC candidates with the ITM head (score = ITM logit + ITC).")
     depth = sb.select_slider("Re-rank depth", options=[16, 32, 64, 128, 256], value=128, key="depth",
                              disabled=not rerank_on, help="How many ITC candidates ITM re-scores.")
-    expand = sb.toggle("Query expansion", value=False, key="expand",
-                       help="Image queries: add the image's generated caption to the query. Text queries: "
-                            "fuse BM25 over the stored captions with the dense ranking.")
+    expand = sb.toggle("Caption expansion", value=False, key="expand",
+                       help="Image queries: the example image's generated caption joins the query as text.")
+    hybrid = sb.toggle("Hybrid text search", value=False, key="hybrid",
+                       help="Text queries: BM25 over the stored captions is fused with the dense ITC ranking "
+                            "before re-ranking.")
     per_page = sb.selectbox("Results per page", core.PAGE_SIZES, index=0, key="per_page")
     sb.header("Filters")
     filters = core.column_filters(searcher.index.metadata)
@@ -139,7 +144,7 @@ def sidebar_controls(searcher: Searcher) -> dict[str, Any]:
     free = sb.text_input("SQL WHERE", key="where", placeholder="width > 400 AND format = 'JPEG'",
                          help="A DuckDB predicate over the metadata columns, ANDed with the filters above.")
     where, params = core.where_clause(filters, chosen, free)
-    return {"rerank": depth if rerank_on else 0, "expand": expand, "per_page": per_page,
+    return {"rerank": depth if rerank_on else 0, "expand": expand, "hybrid": hybrid, "per_page": per_page,
             "where": where, "params": tuple(params)}
 
 
@@ -180,7 +185,7 @@ def search_page(searcher: Searcher, index_dir: str, generation: str) -> None:
         return
 
     signature = (text, hashlib.sha256(upload_bytes).hexdigest() if upload_bytes else None, like,
-                 opts["rerank"], opts["expand"], opts["where"], opts["params"], opts["per_page"])
+                 opts["rerank"], opts["expand"], opts["hybrid"], opts["where"], opts["params"], opts["per_page"])
     if st.session_state.get("signature") != signature:  # a new query starts at page 1
         st.session_state["signature"] = signature
         st.session_state["page"] = 1
@@ -188,7 +193,7 @@ def search_page(searcher: Searcher, index_dir: str, generation: str) -> None:
     try:
         hits = run_search(index_dir, generation, text, upload_bytes, None if upload_bytes else like,
                           opts["per_page"], core.page_offset(page, opts["per_page"]), opts["rerank"],
-                          opts["expand"], opts["where"], opts["params"])
+                          opts["expand"], opts["hybrid"], opts["where"], opts["params"])
     except ValueError as e:  # QueryError (empty/long query, bad filter, unreadable image) or a bad upload
         st.error(str(e))
         return

@@ -4,7 +4,7 @@ Eval mode (no dropout), batch 32, the trainer's loss code (`qformer.losses.stage
 with a fixed seed), the same random batches for every model. A dev loss well above the train loss means the
 objective overfits the 6,000 train images.
 
-    python scripts/diag_train_dev_loss.py --model blip2-tiny --batches 40 --out out/train_dev_loss.json
+    python experiments/train_dev_loss.py --model blip2-tiny --batches 40 --out out/train_dev_loss.json
 """
 
 from __future__ import annotations

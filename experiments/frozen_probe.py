@@ -6,7 +6,7 @@ linear layer to 256. Text: all-MiniLM-L6-v2 (frozen) sentence embeddings, mean-p
 train: symmetric InfoNCE with a learned temperature, batch 256, AdamW with one-cycle lr 1e-3, on the Flickr8k
 train pairs. Dev recall@1/5/10 both ways every 5 epochs, the model card's protocol.
 
-    python scripts/diag_frozen_probe.py --epochs 15 --out out/frozen_probe.json
+    python experiments/frozen_probe.py --epochs 15 --out out/frozen_probe.json
 
 The train tokens come from a stage-1 feature cache (`--cache-dir`, built by `qformer.train` if missing); the
 dev tokens and both splits' sentence embeddings are cached under --work.
