@@ -242,13 +242,16 @@ def stage1_losses(
     text_mask: Tensor,
     image_ids: Tensor | None = None,
     generator: torch.Generator | None = None,
+    mined: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The BLIP-2 stage-1 losses of one (local) batch of image-text pairs.
 
     image_tokens [B,N,C]: frozen-encoder tokens (no grad); input_ids, text_mask [B,L]: the captions
     (first token [CLS], as the tokenizer gives it); image_ids [B]: captions with equal ids describe the
     same image (None: all pairs are different images); generator: draws the ITM hard negatives (on the
-    tokens' device; None uses the global RNG). Returns {"itc", "itm", "itg", "loss"} scalar tensors.
+    tokens' device; None uses the global RNG); mined: ITM negatives chosen beforehand instead of drawn from
+    the batch, (negative image tokens [B,N,C] for each text, negative text ids [B,L'] and mask for each image).
+    Returns {"itc", "itm", "itg", "loss"} scalar tensors.
     """
     b = image_tokens.shape[0]
     with torch.no_grad():
@@ -268,15 +271,21 @@ def stage1_losses(
 
     # ITM: a hard negative image for each text, a hard negative text for each image
     _, w = world()
-    img_rows, img_cols = sample_hard_negatives(sim_t2i.detach(), pos, generator)  # text row -> image col
-    txt_rows, txt_cols = sample_hard_negatives(sim_i2t.detach(), pos, generator)  # image row -> text col
-    if w == 1:
-        neg_kv = select_kv(kv, img_cols)
-    else:  # negatives may live on other ranks: rebuild their keys/values from the gathered frozen tokens
-        neg_kv = qformer.image_kv(gather_no_grad(image_tokens)[img_cols])
-    ids_all, mask_all = gather_text(input_ids, text_mask)  # [G,L']
-    loss_itm = itm_loss(qformer, kv, input_ids, text_mask, neg_kv, img_rows,
-                        ids_all[txt_cols], mask_all[txt_cols], txt_rows)
+    if mined is not None:  # every text and every image has its negative already
+        neg_tokens, neg_ids, neg_mask = mined
+        rows = torch.arange(b, device=image_tokens.device)
+        loss_itm = itm_loss(qformer, kv, input_ids, text_mask, qformer.image_kv(neg_tokens), rows,
+                            neg_ids, neg_mask, rows)
+    else:
+        img_rows, img_cols = sample_hard_negatives(sim_t2i.detach(), pos, generator)  # text row -> image col
+        txt_rows, txt_cols = sample_hard_negatives(sim_i2t.detach(), pos, generator)  # image row -> text col
+        if w == 1:
+            neg_kv = select_kv(kv, img_cols)
+        else:  # negatives may live on other ranks: rebuild their keys/values from the gathered frozen tokens
+            neg_kv = qformer.image_kv(gather_no_grad(image_tokens)[img_cols])
+        ids_all, mask_all = gather_text(input_ids, text_mask)  # [G,L']
+        loss_itm = itm_loss(qformer, kv, input_ids, text_mask, neg_kv, img_rows,
+                            ids_all[txt_cols], mask_all[txt_cols], txt_rows)
 
     # ITG
     loss_itg = itg_loss(qformer, kv, input_ids, text_mask, query_kv=query_kv)

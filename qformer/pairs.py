@@ -37,6 +37,20 @@ def derive_seed(*parts: int | str) -> int:
 
 
 @dataclass
+class HardNegatives:
+    """ITM negatives mined beforehand: for each pair, K images that are not its image; for each image, K
+    pairs whose caption is not about it (both most similar first)."""
+
+    images_of_pair: Tensor  # [P,K] image indices
+    pairs_of_image: Tensor  # [I,K] pair indices
+
+    def draw(self, pair: int, image: int, seed: int) -> tuple[int, int]:
+        """(negative image, negative pair) of a pair, drawn uniformly among its K from `seed`."""
+        k1, k2 = np.random.default_rng(seed).integers(0, self.images_of_pair.shape[1], size=2)
+        return int(self.images_of_pair[pair, k1]), int(self.pairs_of_image[image, k2])
+
+
+@dataclass
 class CaptionPairs:
     """Image-caption training pairs: unique images, and one entry per (image, caption) pair."""
 
@@ -200,9 +214,13 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, pairs: CaptionPairs, cache: FeatureCache | Sequence[FeatureCache] | None = None,
-                 transform: Callable[[Image.Image], Tensor] | None = None, by_image: bool = False):
+                 transform: Callable[[Image.Image], Tensor] | None = None, by_image: bool = False,
+                 negatives: HardNegatives | None = None):
         if (cache is None) == (transform is None):
             raise ValueError("PairDataset needs exactly one of cache and transform")
+        if negatives is not None and (cache is None or by_image):
+            raise ValueError("PairDataset: mined negatives need cached features and pair items")
+        self.negatives = negatives
         self.views = [] if cache is None else [cache] if isinstance(cache, FeatureCache) else list(cache)
         if any(v.paths != self.views[0].paths for v in self.views):
             raise ValueError("PairDataset: the cached views hold different images")
@@ -227,7 +245,11 @@ class PairDataset(Dataset):
         i = j if self.by_image else self.pairs.pair_image[j]
         out: dict[str, Any] = {"image_id": i} if self.by_image else {"text": self.pairs.captions[j], "image_id": i}
         if self.cache is not None:
-            out["image"] = self.views[seed % len(self.views)][self.rows[i]]  # [N,C]
+            view = self.views[seed % len(self.views)]
+            out["image"] = view[self.rows[i]]  # [N,C]
+            if self.negatives is not None:  # the negatives of this pair in this epoch, from the same view
+                neg_image, neg_pair = self.negatives.draw(j, i, seed)
+                out["neg_image"], out["neg_text"] = view[self.rows[neg_image]], self.pairs.captions[neg_pair]
             return out
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the crop and flip of this pair in this epoch
@@ -244,7 +266,8 @@ class PairDataset(Dataset):
 class Collate:
     """Items -> batch: {"image" [B,N,C] | "pixels" [B,3,S,S], "image_ids" [B], "texts": list[str]}, plus
     "input_ids" [B,L] and "text_mask" [B,L] with a tokenizer (None: texts stay strings, e.g. for an LLM's own
-    tokenizer); None when every image of the batch was unreadable. Items without text give no texts."""
+    tokenizer); None when every image of the batch was unreadable. Items without text give no texts. Items
+    with mined negatives add "neg_image" [B,N,C], "neg_input_ids" [B,L'] and "neg_text_mask" [B,L']."""
 
     def __init__(self, tokenizer: Any = None, max_length: int = TRAIN_MAX_LENGTH):
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -260,6 +283,10 @@ class Collate:
             batch["texts"] = [x["text"] for x in items]
             if self.tokenizer is not None:
                 batch["input_ids"], batch["text_mask"] = tokenize(self.tokenizer, batch["texts"], self.max_length)
+        if "neg_image" in items[0]:  # mined ITM negatives: an image for each text, a text for each image
+            batch["neg_image"] = torch.stack([x["neg_image"] for x in items])
+            batch["neg_input_ids"], batch["neg_text_mask"] = tokenize(
+                self.tokenizer, [x["neg_text"] for x in items], self.max_length)
         return batch
 
 

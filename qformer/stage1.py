@@ -37,7 +37,7 @@ from qformer.factory import Blip2Retriever, create_model
 from qformer.features import FeatureCache
 from qformer.losses import TEMP_RANGE, itc_loss, stage1_losses
 from qformer.model import TEXT_PATH, QFormer
-from qformer.pairs import CaptionPairs, load_pairs, retrieval_set_from_pairs
+from qformer.pairs import CaptionPairs, HardNegatives, load_pairs, retrieval_set_from_pairs
 from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
 from qformer.tokenizer import TRAIN_MAX_LENGTH, tokenize
 
@@ -117,7 +117,8 @@ class LockedTextITC(nn.Module):
 
 
 class FullObjective(nn.Module):
-    """BLIP-2's stage-1 losses (ITC + ITM + ITG) of a tokenised batch of pairs."""
+    """BLIP-2's stage-1 losses (ITC + ITM + ITG) of a tokenised batch of pairs; ITM on the batch's mined
+    negatives when it carries them, else on negatives drawn from the batch."""
 
     def __init__(self, qformer: QFormer):
         super().__init__()
@@ -125,8 +126,38 @@ class FullObjective(nn.Module):
 
     def forward(self, image_tokens: Tensor, batch: dict[str, Any], generator: torch.Generator | None = None
                 ) -> dict[str, Tensor]:
+        mined = (batch["neg_image"], batch["neg_input_ids"], batch["neg_text_mask"]) if "neg_image" in batch else None
         return stage1_losses(self.qformer, image_tokens, batch["input_ids"], batch["text_mask"],
-                             batch["image_ids"], generator)
+                             batch["image_ids"], generator, mined)
+
+
+# ---- ITM negatives mined over the whole train set --------------------------------------------------------
+@torch.no_grad()
+def mine_hard_negatives(model: Blip2Retriever, pairs: CaptionPairs, cache: FeatureCache, k: int,
+                        batch_size: int = 256) -> HardNegatives:
+    """The k most ITC-similar non-matching images of every caption and captions of every image, by the
+    model's ITC similarity (cosine, max over queries) on the cached plain view. Unreadable images are
+    never chosen."""
+    q, device = model.qformer, model.device
+    was_training = q.training
+    q.eval()
+    try:
+        rows = [cache.row(p) for p in pairs.image_paths]
+        image = torch.cat([q.encode_image(cache[rows[i : i + batch_size]].to(device).float())
+                           for i in range(0, len(rows), batch_size)])  # [I,Q,D]
+        ids, mask = tokenize(model.tokenizer, pairs.captions, TRAIN_MAX_LENGTH)
+        text = torch.cat([q.encode_text(ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+                          for i in range(0, len(ids), batch_size)])  # [P,D]
+    finally:
+        q.train(was_training)
+    pair_image = torch.as_tensor(pairs.pair_image, device=device)
+    sim = torch.cat([torch.einsum("iqd,pd->piq", image.float(), text[i : i + batch_size].float()).amax(-1)
+                     for i in range(0, len(text), batch_size)])  # [P,I]
+    sim[torch.arange(len(text), device=device), pair_image] = float("-inf")  # a caption's own image
+    sim[:, ~torch.as_tensor(cache.valid[rows], dtype=torch.bool, device=device)] = float("-inf")
+    images_of_pair = sim.topk(k, dim=1).indices  # [P,k]
+    pairs_of_image = sim.t().topk(k, dim=1).indices  # [I,k]: an image's own captions are -inf
+    return HardNegatives(images_of_pair.cpu(), pairs_of_image.cpu())
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
@@ -198,6 +229,8 @@ class Stage1:
             raise ValueError("--lock-text trains ITC alone: pass --objectives itc")
         if cfg.objectives == "itc" and not cfg.lock_text:
             raise ValueError("--objectives itc is the locked-text warm-up: pass --lock-text")
+        if cfg.itm_negatives and (cfg.lock_text or not cfg.cache):
+            raise ValueError("--itm-negatives needs the ITM objective and cached features")
         self.cfg = cfg
         self.text_lr_scale = cfg.text_lr_scale
         self.by_image = cfg.lock_text  # batches of images with all their captions
@@ -244,6 +277,29 @@ class Stage1:
         torch.save(states.cpu(), path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)  # whole or absent
         return states
+
+    def negatives(self, model: Blip2Retriever, pairs: CaptionPairs, cache: FeatureCache, resumed: bool
+                  ) -> HardNegatives | None:
+        """cfg.itm_negatives mined negatives, kept in <out_dir>/hard_negatives.pt: mined with the starting
+        model at a fresh start, read back on resume."""
+        if self.cfg.itm_negatives <= 0:
+            return None
+        path = Path(self.cfg.out_dir) / "hard_negatives.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            return HardNegatives(saved["images_of_pair"], saved["pairs_of_image"])
+        if resumed:
+            raise FileNotFoundError(f"{path} is missing: the run's mined ITM negatives cannot be re-mined "
+                                    "with its starting model; start a new --out-dir")
+        t0 = time.perf_counter()
+        negatives = mine_hard_negatives(model, pairs, cache, self.cfg.itm_negatives)
+        logger.info("mined %d ITM negatives per caption and per image in %.1f s", self.cfg.itm_negatives,
+                    time.perf_counter() - t0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images_of_pair": negatives.images_of_pair, "pairs_of_image": negatives.pairs_of_image},
+                   path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        return negatives
 
     def extras(self, model: Blip2Retriever) -> dict[str, float]:
         return {"temp": round(model.qformer.temp.item(), 5)}

@@ -80,8 +80,8 @@ class Stage2:
     by_image = False
 
     def __init__(self, cfg: TrainConfig):
-        if cfg.lock_text or cfg.objectives != "itc+itm+itg" or cfg.text_lr_scale != 1.0:
-            raise ValueError("--lock-text, --objectives and --text-lr-scale are stage-1 options")
+        if cfg.lock_text or cfg.objectives != "itc+itm+itg" or cfg.text_lr_scale != 1.0 or cfg.itm_negatives:
+            raise ValueError("--lock-text, --objectives, --text-lr-scale and --itm-negatives are stage-1 options")
         if cfg.eval_split:
             raise ValueError("--eval-split is a stage-1 option (stage 2: qsearch bench captions)")
         self.cfg = cfg
@@ -103,6 +103,9 @@ class Stage2:
 
     def objective(self, model: Blip2LLM, pairs: CaptionPairs, world_size: int) -> nn.Module:
         return CaptionLoss(model, self.cfg.prompt, self.cfg.prefix_lm)
+
+    def negatives(self, model: Blip2LLM, pairs: CaptionPairs, cache: Any, resumed: bool) -> None:
+        return None
 
     def extras(self, model: Blip2LLM) -> dict[str, float]:
         return {}

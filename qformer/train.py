@@ -93,6 +93,7 @@ class TrainConfig:
     # stage 1
     objectives: str = "itc+itm+itg"  # itc+itm+itg (BLIP-2) | itc (with --lock-text: the locked-text warm-up)
     lock_text: bool = False  # freeze the text path (embeddings, shared self-attention, text FFNs); its [CLS] states are computed once
+    itm_negatives: int = 0  # K > 0: ITM negatives mined once with the starting model over the whole train set, one of the K hardest per pair and per image each epoch, instead of in-batch sampling
     text_lr_scale: float = 1.0  # lr multiplier for the language-model-initialised text path (embeddings, self-attention, text FFNs); 1: one lr, as BLIP-2
     eval_split: str = ""  # held-out split to evaluate on, e.g. dev ('': no evaluation)
     eval_dataset: str = ""  # its dataset ('': --dataset)
@@ -395,7 +396,8 @@ def _train(cfg: TrainConfig, pairs: CaptionPairs | None, rank: int, world_size: 
     evaluate = stage.evaluator(model, cache_root, pairs) if main else None
     if cfg.cache:
         views = cached_views(model.encoder, pairs.image_paths, cache_root, cfg, rank)
-        dataset = PairDataset(pairs, cache=views, by_image=stage.by_image)
+        negatives = stage.negatives(model, pairs, views[0], resume_dir is not None)
+        dataset = PairDataset(pairs, cache=views, by_image=stage.by_image, negatives=negatives)
     else:
         dataset = PairDataset(pairs, transform=model.encoder.train_transform(), by_image=stage.by_image)
     usable = dataset.usable()

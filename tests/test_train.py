@@ -423,10 +423,11 @@ def test_locked_text_warmup_trains_itc_on_what_sees_the_image(tmp_path, small_di
     query FFNs and the projections train; a resumed run ends with identical weights."""
     from qformer.model import TEXT_PATH
 
+    # the real offline starting point: a MiniLM text path, whose [CLS] states already tell captions apart
     common = dict(lock_text=True, objectives="itc", batch_size=4, max_steps=8, checkpoint_every=4,
-                  keep_checkpoints=0, lr=2e-3)
-    straight = train(run_config(tmp_path / "a", small_dir, cache_dir, **common))
-    start = load_file(str(Path(small_dir) / "qformer.safetensors"))
+                  keep_checkpoints=0, lr=1e-3)
+    straight = train(run_config(tmp_path / "a", "blip2-tiny-init", cache_dir, **common))
+    start = {k: v.contiguous() for k, v in create_model("blip2-tiny-init").qformer.state_dict().items()}
     end = load_file(str(straight / "qformer.safetensors"))
     text = [k for k in start if any(t in f".{k}" for t in TEXT_PATH)]
     assert any(".attn." in k for k in text) and any(".ffn_text." in k for k in text)
@@ -436,7 +437,7 @@ def test_locked_text_warmup_trains_itc_on_what_sees_the_image(tmp_path, small_di
     assert {"query_tokens", "vision_proj.weight", "text_proj.weight"} <= moved
     assert any(".cross." in k for k in moved) and any(".ffn_query." in k for k in moved)
     # the warm-up's ITC loss on all images and captions at once (eval mode) is lower after training
-    before, after = (locked_itc_loss(create_model(d), pairs, cache_dir) for d in (small_dir, straight))
+    before, after = (locked_itc_loss(create_model(d), pairs, cache_dir) for d in ("blip2-tiny-init", straight))
     assert after < before - 0.05, (before, after)
     records = [json.loads(ln) for ln in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9)) and "images_per_s" in records[0]
@@ -444,9 +445,38 @@ def test_locked_text_warmup_trains_itc_on_what_sees_the_image(tmp_path, small_di
     # resume from the step-4 checkpoint: the same final weights
     (tmp_path / "b/checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a/checkpoints/step_0000004", tmp_path / "b/checkpoints/step_0000004")
-    resumed = train(run_config(tmp_path / "b", small_dir, cache_dir, resume="latest", **common))
+    resumed = train(run_config(tmp_path / "b", "blip2-tiny-init", cache_dir, resume="latest", **common))
     again = load_file(str(resumed / "qformer.safetensors"))
     assert all(torch.equal(end[k], again[k]) for k in end)
+
+
+@needs_data
+def test_mined_itm_negatives_are_never_positives_and_resume_exactly(tmp_path, small_dir, cache_dir, pairs):
+    """--itm-negatives K: negatives mined once with the starting model over all pairs (never an image's own
+    caption, never a caption's own image), kept with the run; ITM trains on them; resume is bit-exact."""
+    from qformer.stage1 import mine_hard_negatives
+
+    negatives = mine_hard_negatives(create_model(small_dir), pairs, FeatureCache.open(cache_dir), k=3)
+    image_of = torch.tensor(pairs.pair_image)
+    assert negatives.images_of_pair.shape == (len(pairs), 3)
+    assert negatives.pairs_of_image.shape == (len(pairs.image_paths), 3)
+    assert not (negatives.images_of_pair == image_of[:, None]).any()
+    assert not (image_of[negatives.pairs_of_image] == torch.arange(len(pairs.image_paths))[:, None]).any()
+
+    common = dict(itm_negatives=3, max_steps=6, checkpoint_every=3, keep_checkpoints=0)
+    straight = train(run_config(tmp_path / "a", small_dir, cache_dir, **common))
+    saved = torch.load(tmp_path / "a/hard_negatives.pt", weights_only=True)
+    assert torch.equal(saved["images_of_pair"], negatives.images_of_pair)
+    records = [json.loads(ln) for ln in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["itm"]) and r["itm"] > 0 for r in records)
+    (tmp_path / "b/checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a/checkpoints/step_0000003", tmp_path / "b/checkpoints/step_0000003")
+    with pytest.raises(FileNotFoundError, match="hard_negatives.pt"):  # the mined set belongs to the run
+        train(run_config(tmp_path / "b", small_dir, cache_dir, resume="latest", **common))
+    shutil.copy(tmp_path / "a/hard_negatives.pt", tmp_path / "b/hard_negatives.pt")
+    resumed = train(run_config(tmp_path / "b", small_dir, cache_dir, resume="latest", **common))
+    a, b = (load_file(str(d / "qformer.safetensors")) for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_locked_text_needs_the_itc_objective(tmp_path):
