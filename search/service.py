@@ -377,30 +377,29 @@ async def _send_json(send: Callable, status: int, body: dict, headers: dict[str,
 
 
 # ---- the app ---------------------------------------------------------------------------------------------------
-def create_app(cfg: ServiceConfig, served: ServedIndex | None = None) -> FastAPI:
-    """The service over `cfg.index` (opened here unless `served` is given), reloading newer generations."""
-    state: dict[str, Any] = {}
-
+def create_app(cfg: ServiceConfig) -> FastAPI:
+    """The service over `cfg.index`, switching to its newer generations as they are committed."""
     async def lifespan(app: FastAPI):
-        state["served"] = served or await run_in_threadpool(ServedIndex, cfg)
-        state["engine"] = EngineThread(state["served"], cfg)
-        state["served"].watch()
+        state.served = await run_in_threadpool(ServedIndex, cfg)
+        state.engine = EngineThread(state.served, cfg)
+        state.served.watch()
         yield
-        state["engine"].close()  # uvicorn has drained the requests in flight by now
-        state["served"].close()
+        state.engine.close()  # uvicorn has drained the requests in flight by now
+        state.served.close()
 
     app = FastAPI(title="qsearch", summary="BLIP-2 image-text search", version="1", lifespan=lifespan,
                   redoc_url=None, responses=ERRORS)
+    state = app.state  # .served (ServedIndex) and .engine (EngineThread), from startup on
 
     async def on_engine(fn: Callable[[Searcher], Any]) -> Any:
         try:
-            return await asyncio.wrap_future(state["engine"].call(fn))
+            return await asyncio.wrap_future(state.engine.call(fn))
         except Busy:
             raise HTTPException(503, "busy: too many requests waiting, retry shortly") from None
 
     async def searched(kwargs: dict[str, Any]) -> Response:
         try:
-            hits, searcher = await asyncio.wrap_future(state["engine"].search(**kwargs))
+            hits, searcher = await asyncio.wrap_future(state.engine.search(**kwargs))
         except Busy:
             raise HTTPException(503, "busy: too many requests waiting, retry shortly") from None
         return _json([h.to_dict() for h in hits], searcher.index.manifest["generation"])
@@ -443,7 +442,7 @@ def create_app(cfg: ServiceConfig, served: ServedIndex | None = None) -> FastAPI
         return _json([h.to_dict() for h in hits], g)
 
     def indexed(image_id: int) -> tuple[Searcher, dict[str, Any]]:
-        s = state["served"].searcher
+        s = state.served.searcher
         try:
             row = s.index.rows([image_id]).to_pylist()[0]
         except KeyError:
@@ -497,12 +496,12 @@ def create_app(cfg: ServiceConfig, served: ServedIndex | None = None) -> FastAPI
 
     @app.get("/info", summary="What the index holds (qsearch info --json)")
     def info() -> Response:
-        s = state["served"].searcher
+        s = state.served.searcher
         return _json(s.index.info(), s.index.manifest["generation"])
 
     @app.get("/health", summary="Liveness: the generation served (no API key needed)")
     def health() -> dict[str, Any]:
-        served = state.get("served")
+        served = getattr(state, "served", None)
         return {"status": "ok" if served else "starting", "generation": served.generation if served else None,
                 "reload_error": bool(served and served.reload_error)}
 
