@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             Image.fromarray(getattr(samples, name)()).convert("RGB").save(photos / f"{name}.png")
     model = create_model(args.model, _device(args.device))
     stats = build_index(model, [photos], work / "index", IndexConfig(num_workers=0), progress=False)
-    print(f"indexed {photos}: {stats}")
+    _print_rows([("photos", str(photos)), *index_summary(stats)])
     hits = Searcher(work / "index", model=model).search(args.query, k=args.k)
     print(f"\nquery: {args.query!r}   model: {model.name}   (score = ITM match logit + ITC cosine)")
     for h in hits:
@@ -67,7 +68,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                                    max_length=args.max_length, min_length=args.min_length, prompt=args.prompt)
         captions = captioner.caption_images(images, batch_size=args.batch_size)
     if args.json:
-        print(json.dumps([{"path": n, "caption": c} for n, c in zip(names, captions, strict=True)], indent=2))
+        _print_json([{"path": n, "caption": c} for n, c in zip(names, captions, strict=True)])
     else:
         for n, c in zip(names, captions, strict=True):
             print(f"{n}\t{c}")
@@ -75,7 +76,28 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    from search.jsonout import dumps
+
+    print(dumps(obj, indent=2))
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    """A short aligned summary: one "label  value" line per row."""
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+
+
+def index_summary(stats) -> list[tuple[str, str]]:  # stats: indexer.IndexStats
+    """What an indexing run did, as summary rows."""
+    changes = [f"{n} {what}" for what, n in (("embedded", stats.embedded), ("reused", stats.reused),
+                                              ("unchanged", stats.unchanged), ("updated", stats.updated),
+                                              ("removed", stats.removed), ("skipped", stats.skipped))]
+    rate = f", {stats.images_per_s:.1f} images/s" if stats.embedded else ""
+    return [("index", f"{stats.index_dir} (generation {stats.generation})"),
+            ("images", f"{stats.images} in the index"),
+            ("this run", f"{stats.scanned} scanned: " + ", ".join(changes)),
+            ("time", f"{stats.seconds:.1f} s{rate}, {stats.commits} commit{'s' if stats.commits != 1 else ''}")]
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -110,9 +132,11 @@ def cmd_index(args: argparse.Namespace) -> int:
                 return caption_images(model, images)
         stats = build_index(model, args.sources, args.index, cfg, captioner=captioner, progress=not args.json)
     if args.json:
-        _print_json(stats.__dict__)
+        _print_json(stats.to_dict())
     else:
-        print(f"{args.index}: {stats}")
+        _print_rows(index_summary(stats))
+        if stats.skipped:
+            print(f"(qsearch info {args.index} lists the skipped files and why)")
     return 0
 
 
@@ -123,15 +147,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     searcher = Searcher(args.index, device=_device(args.device), rescore=args.rescore,
                         itm_precision=args.itm_precision)
     if args.captions_of:
-        hits = [h.__dict__ for h in searcher.search_captions(args.captions_of, k=args.k)]
+        captions = searcher.search_captions(args.captions_of, k=args.k)
         if args.json:
-            _print_json(hits)
+            _print_json([h.to_dict() for h in captions])
         else:
-            for h in hits:
-                print(f"{h['rank']:>3}  {h['score']:.4f}  {h['caption']}  ({h['path']})")
+            for c in captions:
+                print(f"{c.rank:>3}  {c.score:.4f}  {c.caption}  ({c.path})")
         return 0
     hits = searcher.search(text=args.text, image=args.image, k=args.k, rerank=args.rerank, where=args.where,
-                           params=args.param, expand=args.expand, offset=args.offset, hybrid=args.hybrid)
+                           params=args.param, expand=args.expand, offset=args.offset, hybrid=args.hybrid,
+                           min_score=args.min_score)
     if args.json:
         _print_json([h.to_dict() for h in hits])
         return 0
@@ -186,8 +211,6 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the Streamlit search UI on an index; prints its address, then becomes the Streamlit server
     (exec: signals such as Ctrl-C or SIGTERM reach the server itself, so nothing is left running)."""
-    import os
-
     import ui
     from indexer import Index
 
@@ -202,6 +225,23 @@ def cmd_ui(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     os.execv(sys.executable, cmd)
     return 0  # not reached
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve an index over HTTP (FastAPI on uvicorn) until SIGINT/SIGTERM, which drain requests in flight."""
+    from indexer import Index
+    from search.service import ServiceConfig, check_bind, read_api_key, serve
+
+    key = read_api_key(args.api_key_file) if args.api_key_file else None
+    check_bind(args.host, key)
+    Index.open(args.index)  # a missing or broken index fails here, with a clear message
+    cfg = ServiceConfig(index=str(Path(args.index).resolve()), device=_device(args.device), api_key=key,
+                        itm_precision=args.itm_precision, rescore=args.rescore, cors_origins=tuple(args.cors_origin),
+                        max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+    auth = "API key required" if key else "no API key"
+    print(f"qsearch serve {args.index}: http://{args.host}:{args.port}  ({auth}; docs at /docs)", flush=True)
+    serve(cfg, args.host, args.port, workers=args.workers, log_level=args.log_level, api_key_file=args.api_key_file)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -351,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--expand", action="store_true", help="image queries: add the image's generated caption")
     s.add_argument("--hybrid", action="store_true",
                    help="text queries: fuse BM25 over the stored captions with dense ITC before re-ranking")
+    s.add_argument("--min-score", type=float, default=None, help="keep only hits scoring at least this")
     s.add_argument("--captions-of", metavar="IMAGE", help="image → text: rank the stored captions for IMAGE")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
@@ -382,6 +423,25 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     u.add_argument("--port", type=int, default=8501)
     u.set_defaults(func=cmd_ui)
+
+    sv = sub.add_parser("serve", help="serve an index over HTTP (JSON API, OpenAPI docs at /docs)")
+    sv.add_argument("index")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on; any non-loopback address needs --api-key-file")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key-file", metavar="FILE",
+                    help="file holding the API key (at least 16 characters), sent as 'Authorization: Bearer KEY'")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model and index")
+    _itm_precision_argument(sv)
+    sv.add_argument("--rescore", type=int, default=512,
+                    help="compressed (PQ) indexes: candidate images re-scored exactly from the stored embeddings")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="allow browser pages from this origin (repeatable; CORS is off without it)")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (query image), MiB")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000, help="largest upload, in pixels")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
 
     from qformer.train import add_arguments
 
@@ -415,7 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # reuse freed activations instead of faulting fresh pages in on every batch
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:  # the reader went away (`qsearch search ... --json | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere
+        return 141  # as a process killed by SIGPIPE
     except (FileNotFoundError, ValueError, IndexStoreError) as e:  # clear message, no traceback
         print(f"qsearch: error: {e}", file=sys.stderr)
         return 2

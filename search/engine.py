@@ -68,6 +68,9 @@ class CaptionHit:
     caption: str
     score: float
 
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("rank", "image_id", "path", "caption", "score")}
+
 
 class Searcher:
     """An open index plus the model it was built with."""
@@ -172,12 +175,14 @@ class Searcher:
         expand: bool = False,
         offset: int = 0,
         hybrid: bool = False,
+        min_score: float | None = None,
     ) -> list[Hit]:
         """Images ranked for a text, an example image, or both.
 
         rerank: ITM re-ranks this many ITC candidates (0: ITC only). expand: an image query's generated
         caption joins the query as text. hybrid: text candidates fuse dense ITC with BM25 over the stored
         captions (reciprocal-rank fusion) before re-ranking. offset: skip this many results (paging).
+        min_score: keep only the hits whose score is at least this (a relevance threshold).
         """
         if k <= 0:
             raise QueryError("k must be positive")
@@ -243,7 +248,7 @@ class Searcher:
                 image_sim=None if sim is None else float(sim[i]), caption=row.get("caption"),
                 metadata={c: v for c, v in row.items() if c not in ("image_id", "path", "caption", "shard", "row")},
             ))
-        return hits
+        return hits if min_score is None else [h for h in hits if h.score >= min_score]
 
     def _fuse_with_bm25(self, dense: np.ndarray, text: str, n: int, allowed: np.ndarray | None) -> np.ndarray:
         """Reciprocal-rank fusion (k=60) of dense ITC ranks with BM25 ranks over the stored captions."""

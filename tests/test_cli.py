@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -28,18 +30,17 @@ def test_demo_indexes_sample_photos_and_searches(tmp_path):
     env = {**_env(), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
-    assert "embedded=10" in out.stdout
+    assert re.search(r"^this run +10 scanned: 10 embedded, 0 reused, 0 unchanged", out.stdout, re.M), out.stdout
+    assert "IndexStats" not in out.stdout and "timings" not in out.stdout  # a summary, not a repr
     ranked = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in ranked] == [1, 2, 3, 4, 5]
     scores = [float(r[1]) for r in ranked]
     assert scores == sorted(scores, reverse=True)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)  # incremental: no re-embedding
-    assert again.returncode == 0 and "embedded=0" in again.stdout and "unchanged=10" in again.stdout
+    assert again.returncode == 0 and re.search(r"10 scanned: 0 embedded, 0 reused, 10 unchanged", again.stdout)
 
 
 def _env() -> dict:
-    import os
-
     return dict(os.environ)
 
 
@@ -102,3 +103,40 @@ def test_caption_cli_json_and_bad_files(small_model_dir, tmp_path, capsys):
     out = json.loads(captured.out)
     assert [r["path"] for r in out] == [str(tmp_path / "red.jpg")]
     assert isinstance(out[0]["caption"], str) and 1 <= len(out[0]["caption"].split()) <= 5  # at most 5 word pieces
+
+
+def test_index_and_search_output_for_people_and_programs(small_model_dir, tmp_path, capsys):
+    d = tmp_path / "index"
+    args = ["--model", str(small_model_dir), "--device", "cpu", "--workers", "0"]
+    assert main(["index", str(d), str(LAVIS_TINY / "images"), *args]) == 0
+    out = capsys.readouterr().out
+    rows = dict(line.split(None, 1) for line in out.splitlines() if line and not line.startswith("this run"))
+    assert rows["index"].startswith(f"{d} (generation 1)") and rows["images"] == "6 in the index"
+    assert re.search(r"^this run +6 scanned: 6 embedded, 0 reused", out, re.M)
+    assert "IndexStats" not in out
+    assert main(["index", str(d), str(LAVIS_TINY / "images"), *args, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["unchanged"] == 6 and stats["embedded"] == 0 and isinstance(stats["timings"], dict)
+    assert main(["search", str(d), "a red square", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert set(hits[0]) == {"rank", "image_id", "path", "score", "itc", "itm", "image_sim", "caption", "metadata"}
+    assert main(["search", str(d), "a red square", "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2", "3"] and all("itm" in line for line in lines)
+    cut = hits[1]["score"]
+    assert main(["search", str(d), "a red square", "-k", "3", "--min-score", str(cut), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == hits[:2]
+
+
+def test_json_into_a_closed_pipe_ends_quietly(small_model_dir, tmp_path):
+    """`qsearch search ... --json | head`: the reader goes away first; no BrokenPipeError traceback."""
+    d = tmp_path / "index"
+    assert main(["index", str(d), str(LAVIS_TINY / "images"), "--model", str(small_model_dir), "--device", "cpu",
+                 "--workers", "0", "--json"]) == 0
+    r, w = os.pipe()
+    os.close(r)  # the reader has gone before anything is written
+    proc = subprocess.run([sys.executable, "-m", "search.cli", "search", str(d), "red", "--json"], stdout=w,
+                          stderr=subprocess.PIPE, text=True, timeout=300, env={**_env(), "HF_HUB_OFFLINE": "1"})
+    os.close(w)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

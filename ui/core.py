@@ -3,7 +3,7 @@
 `ui/app.py` draws widgets and calls these; tests call them directly too. Search itself is the engine's
 (`search.engine.Searcher`): nothing here ranks anything.
 
-Security rule: the UI reads image files only through an image id of the open index (`indexed_path`),
+Security rule: the UI reads image files only through an image id of the open index (`search.images`),
 never through a path that came from a request, so a crafted path cannot reach a file outside the index.
 """
 
@@ -13,26 +13,26 @@ import io
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from indexer.decode import decode_image, load_image
-from indexer.sources import TAR_SEP
+from search.images import (  # noqa: F401  (the UI's image access is the service's: one implementation)
+    THUMBNAIL_SIZE,
+    NotIndexed,
+    indexed_path,
+    read_indexed_image,
+    read_upload,
+    thumbnail_bytes,
+)
 
 # Columns the engine keeps for itself: not offered as filters.
 INTERNAL_COLUMNS = {"image_id", "shard", "row", "sha256", "path", "source", "caption", "indexed_at"}
 MAX_CHOICES = 50  # a text column with more distinct values than this gets no choice list
-THUMBNAIL_SIZE = 320  # longest side, pixels
 PAGE_SIZES = (12, 24, 48)
 _ONE_DAY = timedelta(days=1)
-
-
-class NotIndexed(LookupError):
-    """A requested image is not part of the open index."""
 
 
 # ---- filters -----------------------------------------------------------------------------------------------
@@ -120,58 +120,11 @@ def where_clause(filters: list[ColumnFilter], chosen: dict[str, Any], free_sql: 
 
 
 # ---- images: only the index's own files ------------------------------------------------------------------
-def indexed_path(index: Any, image_id: Any) -> str:
-    """The stored path of an image of the open index; `NotIndexed` for anything else (ids only, no paths)."""
-    try:
-        i = int(str(image_id).strip())
-    except ValueError:
-        raise NotIndexed(f"not an image of this index: {str(image_id)[:80]!r}") from None
-    try:
-        return index.paths([i])[0]
-    except KeyError:
-        raise NotIndexed(f"not an image of this index: {i}") from None
-
-
-def read_indexed_image(index: Any, image_id: Any, draft_size: int | None = None) -> Image.Image:
-    """Decode an indexed image (file or tar member), EXIF-oriented RGB. draft_size: a large JPEG may be
-    decoded at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_size (much faster, for thumbnails)."""
-    path = indexed_path(index, image_id)
-    if TAR_SEP in path:
-        tar_path, member = path.split(TAR_SEP, 1)
-        import tarfile
-
-        with tarfile.open(tar_path) as tf:
-            fobj = tf.extractfile(member)
-            if fobj is None:
-                raise OSError(f"{tar_path}: member {member} is not a regular file")
-            return decode_image(fobj.read(), draft_size=draft_size).image
-    return decode_image(Path(path), draft_size=draft_size).image
-
-
-def thumbnail_bytes(index: Any, image_id: Any, size: int = THUMBNAIL_SIZE) -> bytes:
-    """A JPEG thumbnail (longest side `size`) of an indexed image."""
-    im = read_indexed_image(index, image_id, draft_size=size)
-    im.thumbnail((size, size), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
 def placeholder_thumbnail(size: int = THUMBNAIL_SIZE) -> bytes:
     """A grey square, shown when an indexed file has gone or become unreadable since indexing."""
     buf = io.BytesIO()
     Image.new("RGB", (size, size), (200, 200, 200)).save(buf, "JPEG")
     return buf.getvalue()
-
-
-def read_upload(data: bytes) -> Image.Image:
-    """An uploaded query image; ValueError with a readable message when it is not one."""
-    if not data:
-        raise ValueError("the uploaded file is empty")
-    try:
-        return load_image(data)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"the uploaded file is not an image Pillow can read ({e})") from e
 
 
 # ---- paging and display ----------------------------------------------------------------------------------------
