@@ -35,10 +35,10 @@ from indexer import store
 from indexer.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from indexer.errors import ModelMismatch
 from indexer.fingerprint import model_fingerprint, model_identity
-from indexer.sources import TAR_SEP, Item, collect, read_item_bytes
 from indexer.writer import IndexWriter
 from qformer.factory import Blip2Retriever
 from qformer.precision import autocast, resolve
+from qformer.sources import TAR_SEP, Item, collect, read_item_bytes
 from qformer.workers import DECODE_NICE, lower_priority
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Build an index on a Ray cluster: `build_index_ray` (the `qsearch index --engine ray` path).
 
-    driver: list the sources                 (directories, manifests, webdataset shards: `indexer.sources`)
+    driver: list the sources                 (directories, manifests, webdataset shards: `qformer.sources`)
       -> Ray Data map_batches (CPU tasks):   read, hash, decode, preprocess          -> pixels [b,3,S,S]
       -> Ray Data map_batches (actor pool):  frozen encoder + Q-Former, on GPU or CPU workers; each call
                                              writes one part: features [n,N,C] (fp16 / int8 + scales),
@@ -39,9 +39,9 @@ from indexer import store, vectors
 from indexer.build import IndexConfig, IndexStats, decode_item, itm_keys_values, metadata_row
 from indexer.errors import IndexNotFound, IndexStoreError, ModelMismatch
 from indexer.fingerprint import model_fingerprint, model_identity
-from indexer.sources import TAR_SEP, Item, collect
 from qformer.factory import create_model
 from qformer.precision import autocast, resolve
+from qformer.sources import TAR_SEP, Item, collect
 
 logger = logging.getLogger(__name__)
 

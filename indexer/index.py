@@ -17,8 +17,8 @@ import torch
 from indexer import store, vectors
 from indexer.errors import IndexCorrupt, ModelMismatch
 from indexer.fingerprint import model_fingerprint
-from indexer.sources import TAR_SEP
 from qformer.factory import Blip2Retriever
+from qformer.sources import TAR_SEP
 
 _OPEN_ATTEMPTS = 5
 

@@ -20,7 +20,7 @@ An image that cannot be read (missing, truncated, not an image) is logged with t
 in `skipped`, its row left as zeros and marked invalid (`FeatureCache.valid`); the build goes on.
 
 An image path may name a member of a (webdataset) tar shard as `<tar path>::<member name>`, the key
-format of `indexer.sources`; `read_image` and the indexer both read such members with `read_tar_member`.
+format of `qformer.sources`; `read_image` and the indexer both read such members with `read_tar_member`.
 """
 
 from __future__ import annotations

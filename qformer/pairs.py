@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 from qformer.datasets import RetrievalSet, load_retrieval_set, pre_caption
 from qformer.features import FeatureCache, read_image
+from qformer.sources import TAR_SUFFIXES, expand_source, image_extensions, scan_manifest, scan_tar
 from qformer.tokenizer import TRAIN_MAX_LENGTH, tokenize
 
 logger = logging.getLogger(__name__)
@@ -118,12 +119,10 @@ def _warn_skipped(what: str, problems: list[tuple[str, str]], shown: int = 5) ->
 
 
 def read_manifest_pairs(path: Path, split: str) -> CaptionPairs:
-    """Pairs of a CSV/Parquet manifest, read as `qsearch index` reads one (`indexer.sources.scan_manifest`):
+    """Pairs of a CSV/Parquet manifest, read as `qsearch index` reads one (`qformer.sources.scan_manifest`):
     an image path column (`image`, `path`, ...; relative paths resolve against the manifest's folder) and a
     caption column (`caption` or `text`; a Parquet list column gives several captions). Rows naming the same
     image share its image id. With a `split` column, only the rows whose split is `split` are read."""
-    from indexer.sources import scan_manifest  # the indexer package, loaded only for this dataset
-
     items, missing = scan_manifest(Path(path))
     _warn_skipped("manifest row", missing)
     if any("split" in it.meta for it in items):
@@ -145,8 +144,6 @@ def read_manifest_pairs(path: Path, split: str) -> CaptionPairs:
 def webdataset_shards(root: str | Path, split: str = "") -> list[Path]:
     """The tar shards of a webdataset source: a shard file, a brace or glob pattern (`shards/{000..099}.tar`,
     `shards/*.tar`), or a directory of shards (its `<split>/` subdirectory when there is one)."""
-    from indexer.sources import TAR_SUFFIXES, expand_source
-
     root_path = Path(root)
     if root_path.is_dir():
         folder = root_path / split if split and (root_path / split).is_dir() else root_path
@@ -160,18 +157,16 @@ def webdataset_shards(root: str | Path, split: str = "") -> list[Path]:
 
 
 def read_webdataset_pairs(root: Path, split: str) -> CaptionPairs:
-    """Pairs of webdataset tar shards (`webdataset_shards`), read with `indexer.sources.scan_tar`: a sample
+    """Pairs of webdataset tar shards (`webdataset_shards`), read with `qformer.sources.scan_tar`: a sample
     is `<key>.jpg|png|webp|...` with its caption in `<key>.txt` or in the "caption"/"text" field of
     `<key>.json`. Images stay inside the tars: their paths are `<tar>::<member>` (`qformer.features`).
     A shard that cannot be listed is skipped with a warning; an undecodable image later, at feature time."""
-    from indexer.sources import image_extensions, scan_tar
-
     extensions = image_extensions()
     samples: list[tuple[Path, list[str]]] = []
     for shard in webdataset_shards(root, split):
         try:
             items, problems = scan_tar(shard, extensions)
-        except (OSError, ValueError, tarfile.TarError) as e:  # indexer.sources.SourceError is a ValueError
+        except (OSError, ValueError, tarfile.TarError) as e:  # SourceError is a ValueError
             logger.warning("skipping shard %s: %s", shard, e)
             continue
         _warn_skipped("shard member", problems)

@@ -211,11 +211,12 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the Streamlit search UI on an index; prints its address, then becomes the Streamlit server
     (exec: signals such as Ctrl-C or SIGTERM reach the server itself, so nothing is left running)."""
-    import ui
+    import importlib.util
+
     from indexer import Index
 
     Index.open(args.index)  # a missing or broken index fails here, with a clear message
-    app = Path(ui.__file__).parent / "app.py"
+    app = Path(importlib.util.find_spec("ui.app").origin)  # the Streamlit script; ui sits above search
     url = f"http://{args.host}:{args.port}"
     print(f"qsearch UI for {args.index}: {url}", flush=True)
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",

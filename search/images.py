@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 
 from indexer.decode import DEFAULT_MAX_PIXELS, decode_image
-from indexer.sources import Item, read_item_bytes
+from qformer.sources import Item, read_item_bytes
 
 THUMBNAIL_SIZE = 320  # longest side, pixels
 
