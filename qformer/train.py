@@ -61,7 +61,7 @@ from qformer.blip2_llm import DEFAULT_LLM, DEFAULT_PROMPT, MAX_TEXT_LENGTH
 from qformer.features import INDEX, FeatureCache
 from qformer.malloc import keep_freed_memory
 from qformer.model import TEXT_PATH
-from qformer.pairs import (  # noqa: F401  (CaptionPairs, load_pairs ...: the data of a run, re-exported)
+from qformer.pairs import (
     CaptionPairs,
     Collate,
     EpochBatches,
