@@ -37,6 +37,7 @@ from indexer.errors import ModelMismatch
 from indexer.fingerprint import model_fingerprint, model_identity
 from indexer.writer import IndexWriter
 from qformer.factory import Blip2Retriever
+from qformer.itm import ItmReranker
 from qformer.precision import autocast, resolve
 from qformer.sources import TAR_SEP, Item, collect, read_item_bytes
 from qformer.workers import DECODE_NICE, lower_priority
@@ -76,12 +77,12 @@ class IndexConfig:
 @torch.inference_mode()
 def itm_keys_values(model: Blip2Retriever, tokens: np.ndarray, feature_dtype: str) -> np.ndarray:
     """The bf16 ITM re-ranker's cross-attention keys/values [n,L,2,N,H] (bf16 bits, `store.kv_to_array`) of
-    tokens [n,N,C], from the tokens as stored (quantised, then read back in bf16): what search would compute."""
+    tokens [n,N,C], from the tokens as stored (quantised, then read back in bf16): what search computes
+    (`ItmReranker.keys_values`, each image's alone)."""
     stored, scale = store.quantize(tokens, feature_dtype)
     x = store.dequantize_torch(stored, scale, torch.bfloat16)
-    itm = model.itm_encoder("bf16")
-    return np.concatenate([store.kv_to_array(itm.image_kv(x[i : i + 128].to(model.device)))
-                           for i in range(0, len(x), 128)])
+    rr = ItmReranker(model, "bf16")
+    return np.concatenate([store.kv_to_array(rr.keys_values(x[i : i + 128])) for i in range(0, len(x), 128)])
 
 
 @dataclass

@@ -41,7 +41,7 @@ class Index:
         self._ids = metadata["image_id"].to_numpy()
         self._shard = metadata["shard"].to_numpy()
         self._row = metadata["row"].to_numpy()
-        self._plan: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None  # max_query_sims
+        self._plan: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None  # embedding_blocks
 
     @classmethod
     def open(cls, index_dir: str | Path) -> Index:
@@ -160,21 +160,10 @@ class Index:
             out[sel] = self._shards[int(s)][key][row[sel]]
         return out
 
-    def max_query_sims(self, text_embed: np.ndarray) -> np.ndarray:
-        """ITC of every image against one text embedding [D]: the max over its Q stored query embeddings ->
-        [n] float32, in `image_ids()` order. An exact scan of the memory-mapped embeddings with torch's
-        matrix-vector products: on a CPU the same ranking as FAISS's Flat index, faster, and without a second
-        OpenMP runtime beside torch's (docs/benchmarks.md)."""
-        t = torch.from_numpy(np.ascontiguousarray(text_embed, dtype=np.float32).reshape(-1))
-        out = torch.empty(len(self._ids), dtype=torch.float32)
-        for sel, rows, emb in self._scan_plan():
-            sims = (emb @ t).amax(1)  # [n_s,Q,D] @ [D] -> [n_s,Q] -> [n_s]
-            out[sel] = sims if rows is None else sims[rows]
-        return out.numpy()
-
-    def _scan_plan(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-        """Per shard: (positions in metadata order, its rows there or None when they are all its rows in order,
-        its embeddings [n_s,Q,D] as a tensor over the memory map). Built on first use."""
+    def embedding_blocks(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """The stored embeddings for a full scan, per shard: (positions in `image_ids()` order, the shard rows
+        there or None when they are all its rows in order, its embeddings [n_s,Q,D] float32 as a tensor over
+        the memory map). Built on first use."""
         if self._plan is None:
             plan = []
             with warnings.catch_warnings():  # read-only memory maps: the tensors are only ever read

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from qformer.datasets import RetrievalSet
 from qformer.factory import Blip2Retriever
+from qformer.itm import ITM_BATCH, ImageInput, ItmReranker
 from qformer.model import CrossKV
 from qformer.precision import resolve
 from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
@@ -84,37 +85,33 @@ def kv_bytes_per_image(model: Blip2Retriever, num_tokens: int, element_size: int
 
 
 def make_itm_fn(
-    model: Blip2Retriever, emb: EmbeddedSet, kv_cache_bytes: int = 2 << 30, precision: str = "auto"
+    model: Blip2Retriever, emb: EmbeddedSet, kv_cache_bytes: int = 2 << 30, precision: str = "auto",
+    batch_size: int = ITM_BATCH,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """itm_fn(image_idx [P], text_idx [P]) -> match logits [P], computed under `precision` (qformer.precision:
-    auto = bf16 where the device has native bf16, as the search engine does).
+    """itm_fn(image_idx [P], text_idx [P]) -> match logits [P] for `rerank_with_itm`, by the search engine's
+    re-ranker (qformer.itm) under `precision` (auto = bf16 where the device has native bf16).
 
-    Cross-attention keys/values are text-independent: a batch whose pairs share one image computes them
-    once; when all images' keys/values fit in `kv_cache_bytes` they are computed once for the whole run.
+    A call whose pairs share one text is scored as the engine scores a query (`ItmReranker.text_vs_images`),
+    so text → image recall equals the engine's. Cross-attention keys/values are text-independent: when all
+    images' fit in `kv_cache_bytes` they are computed once for the whole run (the same bits either way).
     """
-    q = model.itm_encoder(precision)  # as the search engine re-ranks (bf16 weights where bf16 is native)
-    tokens = emb.image_tokens.to(q.ln_vision.weight.dtype)
+    rr = ItmReranker(model, precision, batch_size)
+    tokens = emb.image_tokens
     n_img, n_tok = tokens.shape[:2]
     cache: CrossKV | None = None
-    if n_img * kv_bytes_per_image(model, n_tok, tokens.element_size()) <= kv_cache_bytes:
-        with torch.inference_mode():
-            chunks = [q.image_kv(tokens[i : i + 64]) for i in range(0, n_img, 64)]
-        cache = [(torch.cat([c[j][0] for c in chunks]), torch.cat([c[j][1] for c in chunks]))
-                 for j in range(len(chunks[0]))]
+    if n_img * kv_bytes_per_image(model, n_tok, torch.finfo(rr.dtype).bits // 8) <= kv_cache_bytes:
+        cache = rr.keys_values(tokens)
 
-    def image_kv(idx: Tensor) -> CrossKV:
-        if cache is not None:
-            return [(k[idx], v[idx]) for k, v in cache]
-        return q.image_kv(tokens[idx])
+    def images(idx: Tensor) -> ImageInput:
+        return tokens[idx] if cache is None else [(k[idx], v[idx]) for k, v in cache]
 
     @torch.inference_mode()
     def itm_fn(image_idx: Tensor, text_idx: Tensor) -> Tensor:
-        mask = emb.text_mask[text_idx]
-        length = int(mask.sum(1).max())  # trim padding columns shared by the whole batch
-        ids, mask = emb.text_ids[text_idx, :length], mask[:, :length]
-        shared = bool((image_idx == image_idx[0]).all())
-        kv = image_kv(image_idx[:1] if shared else image_idx)
-        return q.itm_match_logit(kv, ids, mask).float()
+        if bool((text_idx == text_idx[0]).all()):  # one text against its candidates: as a search query
+            t = int(text_idx[0])
+            return rr.text_vs_images(emb.text_ids[t], emb.text_mask[t], images(image_idx))
+        shared = bool((image_idx == image_idx[0]).all())  # one image against its candidate texts
+        return rr.pairs(images(image_idx[:1] if shared else image_idx), emb.text_ids[text_idx], emb.text_mask[text_idx])
 
     return itm_fn
 
@@ -142,7 +139,7 @@ def evaluate_retrieval(
         results: dict[str, Any] = {"itc": recall_at_k(itc, itc.t(), data.img2txt, data.txt2img)}
         t2 = time.perf_counter()
         if k_test > 0:
-            itm_fn = make_itm_fn(model, emb, precision=itm_precision)
+            itm_fn = make_itm_fn(model, emb, precision=itm_precision, batch_size=itm_batch_size)
             i2t, t2i = rerank_with_itm(itc, itm_fn, k=k_test, batch_size=itm_batch_size,
                                        progress=progress)
             results["itc+itm"] = recall_at_k(i2t, t2i, data.img2txt, data.txt2img)

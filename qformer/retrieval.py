@@ -72,14 +72,14 @@ def itc_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
     return out
 
 
-def _pair_batches(n_rows: int, k: int, batch_size: int) -> Iterator[tuple[int, int, int, int]]:
+def _pair_batches(n_rows: int, k: int, batch_size: int, pack: bool = True) -> Iterator[tuple[int, int, int, int]]:
     """Yield (row_start, row_end, col_start, col_end) blocks of the [n_rows, k] top-k grid, one per call.
 
-    Whole rows are packed ``batch_size // k`` per call; when ``k > batch_size`` each row is split
-    into consecutive column slices of at most ``batch_size`` pairs.
+    Whole rows are packed ``batch_size // k`` per call (one per call unless ``pack``); when
+    ``k > batch_size`` each row is split into consecutive column slices of at most ``batch_size`` pairs.
     """
     if k <= batch_size:
-        rows_per_call = batch_size // k
+        rows_per_call = batch_size // k if pack else 1
         for r0 in range(0, n_rows, rows_per_call):
             yield r0, min(r0 + rows_per_call, n_rows), 0, k
     else:
@@ -95,6 +95,7 @@ def _rerank_rows(
     batch_size: int,
     progress: bool,
     desc: str,
+    pack: bool = True,
 ) -> Tensor:
     """Top-k re-ranking of every row of ``sims`` [N, M]; ``itm_rows(row_idx[P], col_idx[P]) -> [P]``.
 
@@ -108,7 +109,7 @@ def _rerank_rows(
     sims = sims.to(torch.float32)
     topk_sim, topk_idx = sims.topk(k, dim=1)  # [N, k], [N, k]
 
-    blocks = list(_pair_batches(n_rows, k, batch_size))
+    blocks = list(_pair_batches(n_rows, k, batch_size, pack))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -146,7 +147,8 @@ def rerank_with_itm(
 
     ``k`` is clamped to the number of candidates. ``itm_fn`` is called with at most ``batch_size``
     pairs; for i2t the k texts of one image share a call whenever ``k <= batch_size`` (calls hold
-    ``batch_size // k`` whole images, pairs image-major), likewise for t2i the k images of one text.
+    ``batch_size // k`` whole images, pairs image-major). For t2i each call holds one text's candidates
+    (its top k, or a slice of ``batch_size`` of them), in ITC order: a search engine's query.
     Returns (scores_i2t [Ni, Nt], scores_t2i [Nt, Ni]), float32 on ``itc``'s device.
     """
     if itc.dim() != 2:
@@ -163,7 +165,7 @@ def rerank_with_itm(
         return itm_fn(cols, rows)  # rows are texts, cols are images
 
     scores_i2t = _rerank_rows(itc, i2t_fn, k, batch_size, progress, "itm i2t")  # [Ni, Nt]
-    scores_t2i = _rerank_rows(itc.t(), t2i_fn, k, batch_size, progress, "itm t2i")  # [Nt, Ni]
+    scores_t2i = _rerank_rows(itc.t(), t2i_fn, k, batch_size, progress, "itm t2i", pack=False)  # [Nt, Ni]
     return scores_i2t, scores_t2i
 
 

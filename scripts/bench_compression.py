@@ -5,8 +5,8 @@
 
 Each image is 32 Q-Former query vectors x 256 dims (fp32: 32 KB); text -> image ITC is the max over the 32
 query cosines. The ANN stage is a FAISS IVF-PQ index over all 32 query vectors of each image (id = image),
-searched like the engine does (`search.engine.faiss_top_images`: over-fetch vectors, keep each image's best
-hit), then the best R images are re-scored EXACTLY from the stored embeddings (`rescore_top_images`);
+searched like the engine does (`search.first_stage.faiss_top_images`: over-fetch vectors, keep each image's best
+hit), then the best R images are re-scored EXACTLY from the stored embeddings (`FirstStage`);
 R = 0 keeps FAISS's approximate scores. The alternative "pooled" is one unit mean vector per image (Flat).
 
 Measured for every caption of the split, searching the split's images (or, --gallery index, every image
@@ -162,7 +162,7 @@ def time_queries(index: Any, store: Any, image_ids: np.ndarray, texts: np.ndarra
                  q: int) -> dict[str, float]:
     """ANN stage per query as the engine runs it: FAISS + grouping (+ exact re-scoring of r from the
     index's memory-mapped embeddings); FAISS labels are positions in `image_ids`."""
-    from search.engine import faiss_top_images, rescore_top_images
+    from search.first_stage import faiss_top_images, top_images
 
     n = len(image_ids)
     lat = []
@@ -171,8 +171,8 @@ def time_queries(index: Any, store: Any, image_ids: np.ndarray, texts: np.ndarra
         if r == 0:
             faiss_top_images(index, t[None], k_test, n, q)
         else:
-            pos, _ = faiss_top_images(index, t[None], max(k_test, r), n, q)
-            rescore_top_images(store.embeddings(image_ids[pos]), pos, t, k_test)
+            [(pos, _)] = faiss_top_images(index, t[None], max(k_test, r), n, q)
+            top_images(pos, np.einsum("iqd,d->iq", store.embeddings(image_ids[pos]), t).max(1), k_test)
         lat.append(time.perf_counter() - t0)
     ms = 1e3 * np.array(lat)
     return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3)}
@@ -180,44 +180,36 @@ def time_queries(index: Any, store: Any, image_ids: np.ndarray, texts: np.ndarra
 
 # ---- ITM -------------------------------------------------------------------------------------------------------
 class Itm:
-    """ITM match logits of (caption, image) pairs, each computed once, with the engine's calls
-    (`Searcher._itm`: image_kv of the stored features, then itm_match_logit)."""
+    """ITM match logits of (caption, image) pairs, each computed once, by the engine's re-ranker
+    (`qformer.itm.ItmReranker` in fp32, on the stored features)."""
 
     def __init__(self, model: Any, index: Any, image_ids: np.ndarray, texts: list[str]):
+        from qformer.itm import ItmReranker
+
         self.model, self.index, self.image_ids, self.texts = model, index, image_ids, texts
+        self.reranker = ItmReranker(model, "fp32")
         self.logits: dict[tuple[int, int], float] = {}
         self.seconds = 0.0
 
     def __call__(self, c: int, js: np.ndarray) -> np.ndarray:
         """Logits of caption c against collection images js (positions in `image_ids`)."""
-        import torch
-
         todo = list(dict.fromkeys(int(j) for j in js if (c, int(j)) not in self.logits))
         t = time.perf_counter()
         ids, mask = self.model.tokenize([self.texts[c]])
-        q = self.model.qformer
-        for s in range(0, len(todo), 128):
-            part = todo[s : s + 128]
-            with torch.inference_mode():
-                kv = q.image_kv(self.index.features(self.image_ids[part]))
-                out = q.itm_match_logit(kv, ids.expand(len(part), -1), mask.expand(len(part), -1)).float().numpy()
-            self.logits.update(((c, j), float(x)) for j, x in zip(part, out, strict=True))
+        images = self.image_ids[todo]
+        out = self.reranker.text_vs_images(ids, mask, lambda s: self.index.features(images[s]), len(todo)).numpy()
+        self.logits.update(((c, j), float(x)) for j, x in zip(todo, out, strict=True))
         self.seconds += time.perf_counter() - t
         return np.array([self.logits[(c, int(j))] for j in js], np.float32)
 
     def prefetch(self, pairs: list[tuple[int, int]], batch: int = 64) -> None:
         """Logits of many (caption, image) pairs, batched across captions (texts padded, padding masked)."""
-        import torch
-
         todo = list(dict.fromkeys(p for p in pairs if p not in self.logits))
         t = time.perf_counter()
-        q = self.model.qformer
         for s in range(0, len(todo), batch):
             part = todo[s : s + batch]
             ids, mask = self.model.tokenize([self.texts[c] for c, _ in part])
-            with torch.inference_mode():
-                kv = q.image_kv(self.index.features(self.image_ids[[j for _, j in part]]))
-                out = q.itm_match_logit(kv, ids, mask).float().numpy()
+            out = self.reranker.pairs(self.index.features(self.image_ids[[j for _, j in part]]), ids, mask).numpy()
             self.logits.update(zip(part, out.tolist(), strict=True))
         self.seconds += time.perf_counter() - t
 

@@ -29,7 +29,8 @@ from qformer.evaluate import ImageFiles
 from qformer.factory import create_model
 from qformer.malloc import keep_freed_memory
 from qformer.precision import resolve
-from search.engine import Searcher, faiss_top_images
+from search.engine import Searcher
+from search.first_stage import faiss_top_images
 
 QUERIES = ["a dog runs through the grass", "two children playing on the beach", "a man riding a bike",
            "a woman in a red dress", "people standing in front of a building", "a black dog with a ball",
@@ -114,8 +115,8 @@ def main() -> None:
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     big = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     big.add_with_ids(vecs, np.repeat(np.arange(args.latency_images), q_))
-    itm = model.itm_encoder(args.itm_precision)  # as Searcher._itm
-    feats = searcher.index.features(searcher.index.image_ids()[: min(args.rerank, len(paths))], itm.ln_vision.weight.dtype)
+    rr = searcher.reranker  # what Searcher.itm_logits runs
+    feats = searcher.index.features(searcher.index.image_ids()[: min(args.rerank, len(paths))], rr.dtype)
     feats = feats[torch.arange(args.rerank) % len(feats)]
     t_text, t_faiss, t_itm = [], [], []
     for qtext in queries:
@@ -125,8 +126,7 @@ def main() -> None:
         faiss_top_images(big, t[None], args.rerank, args.latency_images, q_)
         t2 = time.perf_counter()
         ids, mask = model.tokenize([qtext])
-        with torch.inference_mode():
-            itm.itm_match_logit(itm.image_kv(feats), ids.expand(len(feats), -1), mask.expand(len(feats), -1))
+        rr.text_vs_images(ids, mask, feats)
         t3 = time.perf_counter()
         t_text.append(t1 - t0)
         t_faiss.append(t2 - t1)

@@ -1,4 +1,4 @@
-"""ITM re-ranking latency alone: `Searcher._itm` on the ITC top `--rerank` of real Flickr8k dev captions.
+"""ITM re-ranking latency alone: `Searcher.itm_logits` on the ITC top `--rerank` of real Flickr8k dev captions.
 
     python scripts/bench_itm.py --index out/bench_ui/index --queries 30
     # A/B against another commit, alternating processes (the machine's speed drifts):
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qformer.datasets import load_retrieval_set
 from qformer.malloc import keep_freed_memory
@@ -40,12 +41,12 @@ def main() -> None:
         keep_freed_memory()  # as the qsearch CLI and the UI do
     texts = load_retrieval_set("flickr8k", Path(args.root), "dev").texts[::5][: args.queries]
     s = Searcher(args.index, itm_precision=args.itm_precision)
-    candidates = [s._itc_top(s._text(t), args.rerank, None)[0] for t in texts]
-    s._itm(candidates[0], texts[0])  # warm-up
+    candidates = [ids for ids, _ in s.first_stage.top(torch.stack([s.embed_text(t) for t in texts]), args.rerank)]
+    s.itm_logits(texts[0], candidates[0])  # warm-up
     ms, r0 = [], resource.getrusage(resource.RUSAGE_SELF)
     for text, ids in zip(texts, candidates, strict=True):
         t0 = time.perf_counter()
-        s._itm(ids, text)
+        s.itm_logits(text, ids)
         ms.append(1e3 * (time.perf_counter() - t0))
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"label": args.label, "queries": len(ms), "rerank": args.rerank,

@@ -177,9 +177,9 @@ def build(args: argparse.Namespace) -> dict:
 def ann_stage(index, store, t: np.ndarray, want: int, rescore: int, q: int) -> tuple[np.ndarray, np.ndarray]:
     """Top `want` images for a text embedding [D]: FAISS over-fetch, group by image, exact re-scoring of
     the best `rescore` from the store -> (image ids, exact ITC cosines)."""
-    from search.engine import faiss_top_images
+    from search.first_stage import faiss_top_images
 
-    ids, _ = faiss_top_images(index, t[None], max(want, rescore), index.ntotal // q, q)
+    [(ids, _)] = faiss_top_images(index, t[None], max(want, rescore), index.ntotal // q, q)
     order = np.argsort(ids)  # sequential-ish reads from the memory-mapped store
     exact = np.einsum("iqd,d->iq", np.asarray(store[ids[order]], np.float32), t).max(1)
     ids, exact = ids[order], exact

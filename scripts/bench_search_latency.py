@@ -68,18 +68,18 @@ def main() -> None:
     for path, precision in itertools.product(args.index, args.itm_precision):
         s = Searcher(path, model=model, rescore=args.rescore, itm_precision=precision)
         row: dict = {"images": len(s.index), "faiss": s.index.manifest["faiss"]["factory"],
-                     "faiss_params": s.index.manifest["faiss"].get("params", ""), "approximate": s.approximate, "torch_scan": s.scan,
+                     "faiss_params": s.index.manifest["faiss"].get("params", ""), "approximate": s.approximate, "first_stage": s.first_stage.method,
                      "itm_precision": resolve(model.device, precision)}
         s.search(texts[-1], k=10, rerank=max(args.rerank))  # warm-up: memory maps, FAISS, model
         stages: dict[str, list[float]] = {"text_embed": [], "first_stage": [], f"itm_{max(args.rerank)}": []}
         for text in texts[: args.queries]:
             t0 = time.perf_counter()
-            t = s._text(text)
+            t = s.embed_text(text)
             t1 = time.perf_counter()
-            ids, _ = s._itc_top(t, max(max(args.rerank), 10), None)
+            [(ids, _)] = s.first_stage.top(t, max(max(args.rerank), 10))
             t2 = time.perf_counter()
             if max(args.rerank):
-                s._itm(ids[: max(args.rerank)], text)
+                s.itm_logits(text, ids[: max(args.rerank)])
             t3 = time.perf_counter()
             for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 stages[name].append(dt)

@@ -60,7 +60,7 @@ class ItmCache:
         todo = [int(i) for i in ids if (text, int(i)) not in self.logits]
         if todo:
             t = time.perf_counter()
-            self.logits.update(zip([(text, i) for i in todo], self.searcher._itm(np.array(todo), text).tolist(),
+            self.logits.update(zip([(text, i) for i in todo], self.searcher.itm_logits(text, np.array(todo)).tolist(),
                                    strict=True))
             self.seconds += time.perf_counter() - t
         return np.array([self.logits[(text, int(i))] for i in ids], np.float32)

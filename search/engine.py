@@ -1,14 +1,10 @@
 """Search an index: text → image, image → image, image → text, and text + image, with ITM re-ranking.
 
 Text → image follows the paper's retrieval score:
-1. ITC: the text embedding against every image's Q query embeddings, max over queries. With the exact
-   (Flat) index on a CPU, torch scans the stored embeddings (`Index.max_query_sims`): the same ranking as
-   FAISS, twice as fast. Otherwise FAISS holds the Q vectors of each image under its image id; we
-   over-fetch vectors and keep the first (best) hit of each image, which is exactly that image's
-   max-over-queries score. When FAISS scores are approximate
-   (compressed codes such as IVF-PQ / OPQ), it proposes the best `rescore` candidate images (default 512),
-   which are re-scored exactly from the stored embeddings before the top ones are kept.
-2. ITM re-ranks the top `rerank` images (the paper's k_test = 128; 0 turns re-ranking off).
+1. ITC (`search.first_stage.FirstStage`): the text embedding against every image's Q query embeddings, max
+   over queries: an exact scan of the stored embeddings, FAISS, or FAISS with exact re-scoring.
+2. ITM (`qformer.itm.ItmReranker`) re-ranks the top `rerank` images (the paper's k_test = 128; 0 turns
+   re-ranking off), the same arithmetic as the retrieval benchmark's.
 3. Final score = ITM match logit + ITC cosine.
 
 Filters (`where`) are SQL predicates over the metadata, run by DuckDB on the metadata table alone with
@@ -30,12 +26,13 @@ from PIL import Image
 
 from indexer import Index, load_image
 from qformer.factory import Blip2Retriever, create_model
+from qformer.itm import ImageInput, ItmReranker
 from qformer.precision import use_bf16
+from search.first_stage import DEFAULT_RESCORE, FirstStage
 
 BASE_COLUMNS = ("image_id", "path", "source", "sha256", "size", "mtime", "width", "height", "format",
                 "caption", "indexed_at", "shard", "row")
 FUSION_DEPTH = 128  # hybrid search fuses the dense and BM25 rankings down to this depth
-DEFAULT_RESCORE = 512  # approximate FAISS stage: candidate images re-scored exactly (scripts/bench_compression.py)
 MAX_QUERY_CHARS = 2000  # longer text is refused: the tokenizer would keep only ~35 tokens anyway
 
 
@@ -79,7 +76,7 @@ class Searcher:
                  rescore: int = DEFAULT_RESCORE, itm_precision: str = "auto"):
         """rescore: when FAISS scores are approximate (PQ codes), the ITC candidates are the best
         max(n, rescore) images by approximate score, re-scored exactly from the stored embeddings (0: keep
-        FAISS's scores). Indexes holding full vectors (Flat, IVF-Flat, HNSW-Flat) are never re-scored.
+        FAISS's scores). Indexes holding full vectors (Flat, IVF-Flat, HNSW-Flat) are never re-scored that way.
         itm_precision: the ITM re-ranker's arithmetic, "auto" (bf16 where the device has native bf16, else
         fp32), "fp32" or "bf16" (qformer.precision)."""
         if rescore < 0:
@@ -87,19 +84,22 @@ class Searcher:
         use_bf16(device, itm_precision)  # rejects an unknown precision before anything loads
         self.itm_precision = itm_precision
         self.index = Index.open(index_dir)
-        self.rescore = rescore
-        self.approximate = not faiss_scores_exact(self.index.faiss_index)
-        # an exact Flat index on a CPU: scan the stored embeddings with torch instead of FAISS (same ranking,
-        # half the time; FAISS still serves ANN indexes and GPUs)
-        self.scan = is_flat(self.index.faiss_index) and torch.device(device).type == "cpu"
+        self.first_stage = FirstStage(self.index, device, rescore)
         src = self.index.manifest["model"].get("source") or self.index.manifest["model"]["name"]
         self.model = model if model is not None else create_model(src, device)
         self.index.check_model(self.model)
+        self.reranker = ItmReranker(self.model, itm_precision)
         self._caption_embeds: tuple[np.ndarray, torch.Tensor] | None = None
         self._fts: Any = None  # DuckDB connection with a BM25 index over the stored captions, built lazily
 
+    @property
+    def approximate(self) -> bool:
+        """Whether the FAISS index scores approximately (compressed codes)."""
+        return self.first_stage.approximate
+
     # ---- embeddings -------------------------------------------------------------------------------------
-    def _text(self, text: str) -> torch.Tensor:
+    def embed_text(self, text: str) -> torch.Tensor:
+        """A query text's ITC embedding [D] float32 (QueryError when empty or too long)."""
         text = " ".join((text or "").split())
         if not text:
             raise QueryError("empty query: give some words or an image")
@@ -107,8 +107,9 @@ class Searcher:
             raise QueryError(f"query too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
         return self.model.embed_texts([text])[0].float().cpu()  # [D]
 
-    def _image(self, image: str | Path | bytes | Image.Image) -> tuple[torch.Tensor, torch.Tensor, Image.Image]:
-        """Query image -> (query embeddings [Q,D], frozen tokens [1,N,C], decoded image)."""
+    def embed_image(self, image: str | Path | bytes | Image.Image) -> tuple[torch.Tensor, torch.Tensor, Image.Image]:
+        """Query image -> (query embeddings [Q,D], frozen tokens [1,N,C], decoded image); QueryError when
+        it cannot be read."""
         if not isinstance(image, Image.Image):
             try:
                 image = load_image(image)
@@ -124,38 +125,22 @@ class Searcher:
             return None
         return filter_ids(self.index.metadata, where, params)
 
-    def _itc_top(self, t: torch.Tensor, n: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Top n images by ITC (max over queries) -> (image ids, cosines)."""
-        if allowed is not None:  # exact over the matching images
-            if len(allowed) == 0:
-                return np.empty(0, np.int64), np.empty(0, np.float32)
-            sims = np.einsum("iqd,d->iq", self.index.embeddings(allowed), t.numpy()).max(1)
-            order = np.argsort(-sims, kind="stable")[:n]
-            return allowed[order], sims[order]
-        if self.scan:  # exhaustive and exact: every image's max-over-queries score, then the top n
-            return top_images(self.index.image_ids(), self.index.max_query_sims(t.numpy()), n)
-        args = (self.index.search_index(), t.numpy()[None])
-        size = (len(self.index), self.index.manifest["num_queries"])
-        if not self.approximate or self.rescore == 0:
-            return faiss_top_images(*args, n, *size)
-        ids, _ = faiss_top_images(*args, max(n, self.rescore), *size)  # approximate: over-fetch, re-score
-        return rescore_top_images(self.index.embeddings(ids), ids, t.numpy(), n)
+    def _itc_top(self, t: torch.Tensor, n: int, allowed: np.ndarray | None) -> np.ndarray:
+        return self.first_stage.top(t, n, allowed)[0][0]
 
-    def _itm(self, image_ids: np.ndarray, text: str, batch: int = 128) -> np.ndarray:
-        """ITM match logits of the text against these images."""
-        q, out = self.model.itm_encoder(self.itm_precision), []  # bf16 weights where bf16 is native
+    def itm_logits(self, text: str, image_ids: np.ndarray) -> np.ndarray:
+        """ITM match logits [k] float32 of the text against these images, in passes of the re-ranker's batch:
+        the stored keys/values where the index has them (bf16 re-ranker), else from the stored tokens."""
         ids, mask = self.model.tokenize([" ".join(text.split())])
-        stored_kv = self.index.has_cross_kv and q.ln_vision.weight.dtype == torch.bfloat16  # what they were made by
-        with torch.inference_mode():
-            for i in range(0, len(image_ids), batch):
-                chunk = image_ids[i : i + batch]
-                if stored_kv:
-                    kv = [(k.to(self.model.device), v.to(self.model.device))
-                          for k, v in self.index.cross_kv(chunk, q.config.num_heads)]
-                else:
-                    kv = q.image_kv(self.index.features(chunk, q.ln_vision.weight.dtype).to(self.model.device))
-                out.append(q.itm_match_logit(kv, ids.expand(len(chunk), -1), mask.expand(len(chunk), -1)))
-        return torch.cat(out).float().cpu().numpy() if out else np.empty(0, np.float32)
+        stored_kv = self.index.has_cross_kv and self.reranker.dtype == torch.bfloat16  # what they were made by
+        heads = self.reranker.encoder.config.num_heads
+
+        def images(part: slice) -> ImageInput:
+            if stored_kv:
+                return self.index.cross_kv(image_ids[part], heads)
+            return self.index.features(image_ids[part], self.reranker.dtype)
+
+        return self.reranker.text_vs_images(ids[0], mask[0], images, len(image_ids)).cpu().numpy()
 
     def _image_sim(self, query_embeds: torch.Tensor, image_ids: np.ndarray) -> np.ndarray:
         """Image-image similarity: mean over the query image's Q embeddings of the best match among each
@@ -194,30 +179,30 @@ class Searcher:
         want = max(rerank, k + offset)
         q_img = None
         if image is not None:
-            q_img, _, decoded = self._image(image)
+            q_img, _, decoded = self.embed_image(image)
             if expand:
                 from qformer.caption import caption_images
 
                 caption = caption_images(self.model, [decoded])[0]
                 text = f"{text} {caption}" if text else caption
-        t = self._text(text) if text is not None else None
+        t = self.embed_text(text) if text is not None else None
 
         # candidates: ITC for text, MaxSim for images (pooled query embedding for the FAISS pass)
         cand: dict[int, None] = {}
         if t is not None:
             if hybrid:  # fuse both rankings at depth >= 128, keep the best `want`
                 depth = max(want, FUSION_DEPTH)
-                dense = self._fuse_with_bm25(self._itc_top(t, depth, allowed)[0], text, depth, allowed)[:want]
+                dense = self._fuse_with_bm25(self._itc_top(t, depth, allowed), text, depth, allowed)[:want]
             else:
-                dense = self._itc_top(t, want, allowed)[0]
+                dense = self._itc_top(t, want, allowed)
             cand.update(dict.fromkeys(dense.tolist()))
         if q_img is not None:
             pooled = torch.nn.functional.normalize(q_img.mean(0), dim=0)
-            cand.update(dict.fromkeys(self._itc_top(pooled, want, allowed)[0].tolist()))
+            cand.update(dict.fromkeys(self._itc_top(pooled, want, allowed).tolist()))
         ids = np.fromiter(cand, np.int64, len(cand))
         if len(ids) == 0:
             return []
-        itc = np.einsum("iqd,d->iq", self.index.embeddings(ids), t.numpy()).max(1) if t is not None else None
+        itc = self.first_stage.exact_scores(t, ids)[0] if t is not None else None
         sim = self._image_sim(q_img, ids) if q_img is not None else None
         base = (itc if itc is not None else 0.0) + (sim if sim is not None else 0.0)
         fused = hybrid and t is not None and q_img is None
@@ -229,7 +214,7 @@ class Searcher:
         if t is not None and rerank > 0:
             n = min(rerank, len(ids))
             itm = np.full(len(ids), np.nan, np.float32)
-            itm[:n] = self._itm(ids[:n], text)
+            itm[:n] = self.itm_logits(text, ids[:n])
             # re-ranked ones come first, by itm + itc (+ image similarity); the rest keep their ITC order
             score = base.copy()
             score[:n] = itm[:n] + base[:n]
@@ -273,7 +258,7 @@ class Searcher:
 
     def search_captions(self, image: str | Path | bytes | Image.Image, k: int = 10) -> list[CaptionHit]:
         """Image → text: the stored captions ranked by ITC against the query image."""
-        q_img, _, _ = self._image(image)
+        q_img, _, _ = self.embed_image(image)
         ids, embeds = self._stored_caption_embeddings()
         if len(ids) == 0:
             return []
@@ -328,77 +313,6 @@ def caption_fts(metadata: Any) -> Any:
 def _top(ids: np.ndarray, base: np.ndarray, n: int, *cols: np.ndarray | None):
     order = np.argsort(-base, kind="stable")[:n]
     return (ids[order], *(None if c is None else c[order] for c in cols), base[order])
-
-
-def _inner_index(index: Any) -> Any:
-    """The index under any IDMap wrappers, downcast to its own class."""
-    import faiss
-
-    inner = faiss.downcast_index(index)
-    while isinstance(inner, faiss.IndexIDMap | faiss.IndexIDMap2):
-        inner = faiss.downcast_index(inner.index)
-    return inner
-
-
-def faiss_scores_exact(index: Any) -> bool:
-    """Whether FAISS scores the vectors it returns exactly, i.e. holds them in full: Flat, IVF-Flat (any
-    nprobe: what it misses, re-scoring cannot find) or HNSW-Flat. PQ/SQ codes and transforms are lossy."""
-    import faiss
-
-    inner = _inner_index(index)
-    if isinstance(inner, faiss.IndexHNSW):
-        inner = faiss.downcast_index(inner.storage)
-    return isinstance(inner, faiss.IndexFlat | faiss.IndexIVFFlat)
-
-
-def is_flat(index: Any) -> bool:
-    """Whether the index is exhaustive and exact (FAISS Flat)."""
-    import faiss
-
-    return isinstance(_inner_index(index), faiss.IndexFlat)
-
-
-def top_images(ids: np.ndarray, sims: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The n best (image ids, scores) of ids [m] scored sims [m], best first (ties: in ids order)."""
-    if n <= 0:
-        return ids[:0], sims[:0]
-    if n < len(sims):
-        part = np.sort(np.argpartition(-sims, n - 1)[:n])  # the n best, back in ids order for stable ties
-        order = part[np.argsort(-sims[part], kind="stable")]
-    else:
-        order = np.argsort(-sims, kind="stable")
-    return ids[order], sims[order]
-
-
-def rescore_top_images(embeds: np.ndarray, ids: np.ndarray, t: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ITC of candidate images: embeddings [k,Q,D] of `ids` [k] against a text embedding [D], max
-    over queries -> the top n (image ids, cosines), best first."""
-    sims = np.einsum("iqd,d->iq", embeds, t).max(1) if len(ids) else np.empty(0, np.float32)
-    order = np.argsort(-sims, kind="stable")[:n]
-    return ids[order], sims[order]
-
-
-def faiss_top_images(index: Any, queries: np.ndarray, n: int, num_images: int, q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top n images for one query vector [1,D] over an index holding q vectors per image (id = image id):
-    over-fetch vectors until n distinct images are found; each image's first hit is its max score.
-    With an approximate index the scores are FAISS's; fewer than n come back when fewer are reachable
-    (an IVF index probing some lists)."""
-    import faiss
-
-    n = min(n, num_images)
-    # the top n*q vectors hold at least n images, so one pass suffices; a trained model's q vectors of one image
-    # lie close together, and a 4n start took 3 passes on a 10k index. HNSW's cost grows with k: it starts at 4n
-    fetch = min(max(4 * n, 64) if isinstance(_inner_index(index), faiss.IndexHNSW) else n * q, index.ntotal)
-    while True:
-        scores, labels = index.search(queries.astype(np.float32), fetch)
-        labels, scores = labels[0], scores[0]
-        keep = labels >= 0
-        labels, scores = labels[keep], scores[keep]
-        _, first = np.unique(labels, return_index=True)
-        if len(first) >= n or fetch >= index.ntotal or not keep.all():  # -1 labels: all reachable returned
-            first = np.sort(first)[:n]  # in score order
-            return labels[first].astype(np.int64), scores[first]
-        fetch = min(fetch * 4, index.ntotal)
 
 
 _FORBIDDEN = re.compile(r";|--|/\*")

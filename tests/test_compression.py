@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import IndexConfig, build_index
+from indexer import Index, IndexConfig, build_index
 from indexer.vectors import make_index
 from qformer.factory import create_model
-from search.engine import Searcher, faiss_scores_exact
+from search.engine import Searcher
+from search.first_stage import FirstStage, faiss_scores_exact
 from search.footprint import ann_bytes_per_image, ann_bytes_per_vector, store_bytes_per_image
 
 PQ = "IVF4,PQ8x4"  # small model: 8 queries x 32 dims; 8 sub-quantizers of 4 bits -> 4-byte codes
@@ -71,20 +72,32 @@ def test_itc_candidates_are_rescored_exactly_and_not_without(indexes):
     for text in QUERIES:
         ids, sims = brute_force(rescored, text)
         t = model.embed_texts([text])[0].float()
-        got_ids, got = rescored._itc_top(t, 10, None)
+        [(got_ids, got)] = rescored.first_stage.top(t, 10)
         assert got_ids.tolist() == ids[:10].tolist()
         assert got == pytest.approx(sims[:10], abs=1e-6)
-        raw_ids, raw_sims = raw._itc_top(t, 10, None)  # FAISS's PQ scores, for the same images
+        [(raw_ids, raw_sims)] = raw.first_stage.top(t, 10)  # FAISS's PQ scores, for the same images
         exact_of = dict(zip(ids.tolist(), sims.tolist(), strict=True))
         worst = max(worst, float(np.abs(raw_sims - [exact_of[i] for i in raw_ids.tolist()]).max()))
     assert worst > 1e-3  # PQ scores really are approximate: the checks above can fail
 
 
+def test_fp16_scan_gives_the_fp32_scans_top_n(indexes):
+    model, flat_dir, _ = indexes
+    half, full = FirstStage(Index.open(flat_dir)), FirstStage(Index.open(flat_dir), scan_dtype="fp32")
+    assert half.method == full.method == "scan"
+    t = model.embed_texts(QUERIES)
+    for n in (1, 5, 10, 39, 40):
+        for (a, sa), (b, sb) in zip(half.top(t, n), full.top(t, n), strict=True):
+            assert a.tolist() == b.tolist() and sa.tolist() == sb.tolist()
+
+
 def test_exact_indexes_are_never_rescored(indexes):
     model, flat_dir, _ = indexes
     s = Searcher(flat_dir, model, rescore=40)
-    s.index.embeddings = None  # _itc_top must not read the stored embeddings of an exact index
-    assert len(s._itc_top(model.embed_texts(["a red square"])[0].float(), 5, None)[0]) == 5
+    s.index.embeddings = None  # FAISS and the fp32 scan must not read the stored embeddings of an exact index
+    t = model.embed_texts(["a red square"])[0].float()
+    for first in (FirstStage(s.index, rescore=40, method="faiss"), FirstStage(s.index, rescore=40, scan_dtype="fp32")):
+        assert len(first.top(t, 5)[0][0]) == 5
     with pytest.raises(ValueError):
         Searcher(flat_dir, model, rescore=-1)
 

@@ -3,6 +3,7 @@ the text → image recall that `qsearch bench retrieval` reports for the same mo
 
 from __future__ import annotations
 
+import pytest
 from conftest import FLICKR8K, needs_flickr8k
 
 from indexer import IndexConfig, build_index
@@ -12,16 +13,26 @@ from qformer.factory import create_model
 from search.engine import Searcher
 from search.evaluate import engine_text_to_image_recall
 
-K_TEST = 16  # >= 10: recall@10 then only sees re-ranked results, as in the benchmark (k_test=128 >= K there)
 
-
-@needs_flickr8k
-def test_engine_recall_equals_bench_on_flickr8k_dev(small_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def dev_index(small_model_dir, tmp_path_factory):
     data = load_retrieval_set("flickr8k", FLICKR8K, "dev")
     model = create_model(small_model_dir)
-    bench = evaluate_retrieval(model, data, k_test=K_TEST, progress=False)
-    build_index(model, list(data.image_paths), tmp_path / "index", IndexConfig(), progress=False)
-    engine = engine_text_to_image_recall(Searcher(tmp_path / "index", model=model), data, rerank=K_TEST,
+    d = tmp_path_factory.mktemp("engine_vs_bench") / "index"
+    build_index(model, list(data.image_paths), d, IndexConfig(), progress=False)
+    return model, data, d
+
+
+# k_test 16 >= 10: recall@10 then only sees re-ranked results, as in the benchmark (k_test=128 >= K there).
+# k_test 8 in bf16: the benchmark packs several captions' candidates where the engine scores one query, so
+# this is where bf16 products of different sizes would show; below 10, R@10 differs by design (the benchmark
+# gives the -100 fill past k_test, the engine keeps ITC's order).
+@needs_flickr8k
+@pytest.mark.parametrize(("k_test", "precision", "ks"), [(16, "auto", (1, 5, 10)), (8, "bf16", (1, 5))])
+def test_engine_recall_equals_bench_on_flickr8k_dev(dev_index, k_test, precision, ks):
+    model, data, d = dev_index
+    bench = evaluate_retrieval(model, data, k_test=k_test, progress=False, itm_precision=precision)
+    engine = engine_text_to_image_recall(Searcher(d, model=model, itm_precision=precision), data, rerank=k_test,
                                          progress=False)
-    for k in ("img_r1", "img_r5", "img_r10"):
-        assert abs(engine[k] - bench["itc+itm"][k]) < 1e-9, (k, engine, bench["itc+itm"])
+    for k in ks:
+        assert engine[f"img_r{k}"] == bench["itc+itm"][f"img_r{k}"], (k, engine, bench["itc+itm"])

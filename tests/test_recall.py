@@ -317,6 +317,7 @@ def test_rerank_scores_and_pairs(k: int, batch_size: int) -> None:
             assert len(imgs) % k == 0 and all(imgs.count(i) == k for i in set(imgs))
         for _, txts in t2i_calls:
             assert len(txts) % k == 0 and all(txts.count(t) == k for t in set(txts))
+            assert len(set(txts)) == 1  # one text per call, as the search engine scores a query
         assert len(i2t_calls[0][0]) == min(n_img, batch_size // k) * k
     else:
         for imgs, _ in i2t_calls:

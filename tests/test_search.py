@@ -12,6 +12,7 @@ from PIL import Image
 from indexer import Index, IndexNotFound, ModelMismatch
 from search.cli import main
 from search.engine import QueryError, Searcher
+from search.first_stage import FirstStage
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
            "black": (5, 5, 5), "white": (250, 250, 250), "purple": (130, 30, 160), "orange": (250, 140, 0)}
@@ -193,8 +194,8 @@ def test_remove_and_reindex(collection, small_model_dir, tmp_path, capsys):
     # the exact scan skips the removed image's row, still in its shard, and ranks as FAISS does
     t = s.model.embed_texts(["red"])[0].numpy()
     brute = np.einsum("iqd,d->iq", s.index.embeddings(s.index.image_ids()), t).max(1)
-    assert s.scan and s.index.max_query_sims(t) == pytest.approx(brute, abs=1e-6)
-    s.scan = False
+    assert s.first_stage.method == "scan" and s.first_stage.scan_scores(t)[0] == pytest.approx(brute, abs=1e-6)
+    s.first_stage = FirstStage(s.index, method="faiss")
     faiss_hits = s.search("red", k=20, rerank=0)
     assert [h.image_id for h in faiss_hits] == [h.image_id for h in hits]
     assert [h.itc for h in faiss_hits] == pytest.approx([h.itc for h in hits], abs=1e-6)
@@ -225,7 +226,7 @@ def test_faiss_first_stage_finds_the_best_images_when_each_images_vectors_cluste
     # a trained model's 32 query vectors of one image lie close together, so the top vectors belong to few images
     import faiss
 
-    from search.engine import faiss_top_images
+    from search.first_stage import faiss_top_images
 
     rng = np.random.default_rng(0)
     num_images, q, d, n = 300, 8, 16, 40
@@ -237,7 +238,7 @@ def test_faiss_first_stage_finds_the_best_images_when_each_images_vectors_cluste
         faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch = 1024  # exhaustive enough
     index.add_with_ids(vecs.reshape(-1, d), np.repeat(np.arange(num_images), q))
     t = vecs[7, 0][None]
-    ids, scores = faiss_top_images(index, t, n, num_images, q)
+    [(ids, scores)] = faiss_top_images(index, t, n, num_images, q)
     exact = (vecs @ t[0]).max(1)
     assert len(set(ids.tolist())) == n
     np.testing.assert_array_equal(ids, np.argsort(-exact, kind="stable")[:n])
