@@ -149,19 +149,25 @@ def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, pos: Tensor, smoothing: float = L
 # ---- ITM -----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_hard_negatives(
-    sim: Tensor, pos: Tensor, generator: torch.Generator | None = None
+    sim: Tensor, pos: Tensor, generator: torch.Generator | None = None, uniform: float = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """One negative column per row, drawn with probability softmax(sim) over the non-positive columns.
+    """One negative column per row, drawn with probability (1 - uniform) * softmax(sim) + uniform / m over
+    the m non-positive columns of the row (uniform 0: BLIP-2's hard negatives; 1: uniformly random ones).
 
     sim [B,G] (logits), pos [B,G] bool. Returns (rows [B'], cols [B']): the rows that have at least one
     non-positive column (B' <= B) and the column drawn for each. A positive is never drawn.
     """
+    if not 0.0 <= uniform <= 1.0:
+        raise ValueError(f"uniform must be in [0, 1], got {uniform}")
     has_negative = (~pos).any(dim=1)  # [B]
     rows = has_negative.nonzero().view(-1)
     if rows.numel() == 0:
         return rows, rows.clone()
     logits = sim[rows].float().masked_fill(pos[rows], NO_NEGATIVE)
     weights = F.softmax(logits, dim=1)  # [B',G], exactly 0 on positives
+    if uniform > 0:
+        negative = (~pos[rows]).float()
+        weights = (1 - uniform) * weights + uniform * negative / negative.sum(1, keepdim=True)
     cols = torch.multinomial(weights, 1, generator=generator).view(-1)
     return rows, cols
 
@@ -243,6 +249,7 @@ def stage1_losses(
     image_ids: Tensor | None = None,
     generator: torch.Generator | None = None,
     mined: tuple[Tensor, Tensor, Tensor] | None = None,
+    itm_uniform: float = 0.0,
 ) -> dict[str, Tensor]:
     """The BLIP-2 stage-1 losses of one (local) batch of image-text pairs.
 
@@ -251,6 +258,7 @@ def stage1_losses(
     same image (None: all pairs are different images); generator: draws the ITM hard negatives (on the
     tokens' device; None uses the global RNG); mined: ITM negatives chosen beforehand instead of drawn from
     the batch, (negative image tokens [B,N,C] for each text, negative text ids [B,L'] and mask for each image).
+    itm_uniform: share of the in-batch negatives drawn uniformly (`sample_hard_negatives`).
     Returns {"itc", "itm", "itg", "loss"} scalar tensors.
     """
     b = image_tokens.shape[0]
@@ -277,8 +285,8 @@ def stage1_losses(
         loss_itm = itm_loss(qformer, kv, input_ids, text_mask, qformer.image_kv(neg_tokens), rows,
                             neg_ids, neg_mask, rows)
     else:
-        img_rows, img_cols = sample_hard_negatives(sim_t2i.detach(), pos, generator)  # text row -> image col
-        txt_rows, txt_cols = sample_hard_negatives(sim_i2t.detach(), pos, generator)  # image row -> text col
+        img_rows, img_cols = sample_hard_negatives(sim_t2i.detach(), pos, generator, itm_uniform)  # text row -> image col
+        txt_rows, txt_cols = sample_hard_negatives(sim_i2t.detach(), pos, generator, itm_uniform)  # image row -> text col
         if w == 1:
             neg_kv = select_kv(kv, img_cols)
         else:  # negatives may live on other ranks: rebuild their keys/values from the gathered frozen tokens

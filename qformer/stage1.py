@@ -120,15 +120,15 @@ class FullObjective(nn.Module):
     """BLIP-2's stage-1 losses (ITC + ITM + ITG) of a tokenised batch of pairs; ITM on the batch's mined
     negatives when it carries them, else on negatives drawn from the batch."""
 
-    def __init__(self, qformer: QFormer):
+    def __init__(self, qformer: QFormer, itm_uniform: float = 0.0):
         super().__init__()
-        self.qformer = qformer
+        self.qformer, self.itm_uniform = qformer, itm_uniform
 
     def forward(self, image_tokens: Tensor, batch: dict[str, Any], generator: torch.Generator | None = None
                 ) -> dict[str, Tensor]:
         mined = (batch["neg_image"], batch["neg_input_ids"], batch["neg_text_mask"]) if "neg_image" in batch else None
         return stage1_losses(self.qformer, image_tokens, batch["input_ids"], batch["text_mask"],
-                             batch["image_ids"], generator, mined)
+                             batch["image_ids"], generator, mined, self.itm_uniform)
 
 
 # ---- ITM negatives mined over the whole train set --------------------------------------------------------
@@ -231,6 +231,9 @@ class Stage1:
             raise ValueError("--objectives itc is the locked-text warm-up: pass --lock-text")
         if cfg.itm_negatives and (cfg.lock_text or not cfg.cache):
             raise ValueError("--itm-negatives needs the ITM objective and cached features")
+        if not 0.0 <= cfg.itm_uniform <= 1.0 or (cfg.itm_uniform and (cfg.itm_negatives or cfg.lock_text)):
+            raise ValueError("--itm-uniform is a share in [0, 1] of the in-batch ITM negatives (not with "
+                             "--itm-negatives or --lock-text)")
         self.cfg = cfg
         self.text_lr_scale = cfg.text_lr_scale
         self.by_image = cfg.lock_text  # batches of images with all their captions
@@ -251,7 +254,7 @@ class Stage1:
 
     def objective(self, model: Blip2Retriever, pairs: CaptionPairs, world_size: int) -> nn.Module:
         if not self.cfg.lock_text:
-            return FullObjective(model.qformer)
+            return FullObjective(model.qformer, self.cfg.itm_uniform)
         if world_size > 1:
             raise ValueError("--lock-text runs in one process (its batches carry a varying number of captions)")
         return LockedTextITC(model.qformer, self.text_states(model, pairs.captions), pairs.pair_image)

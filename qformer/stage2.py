@@ -80,8 +80,10 @@ class Stage2:
     by_image = False
 
     def __init__(self, cfg: TrainConfig):
-        if cfg.lock_text or cfg.objectives != "itc+itm+itg" or cfg.text_lr_scale != 1.0 or cfg.itm_negatives:
-            raise ValueError("--lock-text, --objectives, --text-lr-scale and --itm-negatives are stage-1 options")
+        if (cfg.lock_text or cfg.objectives != "itc+itm+itg" or cfg.text_lr_scale != 1.0 or cfg.itm_negatives
+                or cfg.itm_uniform):
+            raise ValueError("--lock-text, --objectives, --text-lr-scale, --itm-negatives and --itm-uniform are "
+                             "stage-1 options")
         if cfg.eval_split:
             raise ValueError("--eval-split is a stage-1 option (stage 2: qsearch bench captions)")
         self.cfg = cfg

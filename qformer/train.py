@@ -94,6 +94,7 @@ class TrainConfig:
     objectives: str = "itc+itm+itg"  # itc+itm+itg (BLIP-2) | itc (with --lock-text: the locked-text warm-up)
     lock_text: bool = False  # freeze the text path (embeddings, shared self-attention, text FFNs); its [CLS] states are computed once
     itm_negatives: int = 0  # K > 0: ITM negatives mined once with the starting model over the whole train set, one of the K hardest per pair and per image each epoch, instead of in-batch sampling
+    itm_uniform: float = 0.0  # share of the in-batch ITM negatives drawn uniformly among the non-positives instead of by ITC similarity (0: all hard, as BLIP-2); easy negatives let ITM start learning when a warm-started ITC makes every batch negative hard
     text_lr_scale: float = 1.0  # lr multiplier for the language-model-initialised text path (embeddings, self-attention, text FFNs); 1: one lr, as BLIP-2
     eval_split: str = ""  # held-out split to evaluate on, e.g. dev ('': no evaluation)
     eval_dataset: str = ""  # its dataset ('': --dataset)

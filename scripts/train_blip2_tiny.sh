@@ -3,8 +3,9 @@
 # Every phase resumes where it stopped: re-run the script after a kill or at a new sitting.
 #   1. stage 1, locked-text warm-up: the text path frozen, its [CLS] states computed once; ITC alone trains what
 #      sees the image, on batches of images carrying all their captions, over CACHE_VIEWS cached views;
-#   2. stage 1, ITC + ITM + ITG from the warm-up, the text path at TEXT_LR_SCALE times the lr, ITM on negatives
-#      mined over the whole train set with the warm-up model (ITM_NEGATIVES per caption and per image);
+#   2. stage 1, ITC + ITM + ITG from the warm-up, the text path at TEXT_LR_SCALE times the lr; ITM on in-batch
+#      negatives, the share ITM_UNIFORM of them uniformly random (the warm ITC makes every hard negative so hard
+#      that ITM otherwise stays at "always no"), or with ITM_NEGATIVES=K on negatives mined over the train set;
 #   3. export int8+fp16 as blip2-tiny; dev recall;
 #   4. stage 2 (blip2-tiny's query path -> frozen SmolLM2-135M); export; dev BLEU-4 / CIDEr.
 #   bash scripts/train_blip2_tiny.sh
@@ -20,18 +21,21 @@ WARMUP_STEPS=${WARMUP_STEPS:-230}  # 10 epochs of 256-image batches
 STAGE1_STEPS=${STAGE1_STEPS:-3000}  # 3.2 epochs of 32-pair batches
 STAGE1_LR=${STAGE1_LR:-2e-4}
 TEXT_LR_SCALE=${TEXT_LR_SCALE:-0.1}
-ITM_NEGATIVES=${ITM_NEGATIVES:-16}
+ITM_UNIFORM=${ITM_UNIFORM:-0.5}
+ITM_NEGATIVES=${ITM_NEGATIVES:-0}
 STAGE2_STEPS=${STAGE2_STEPS:-200}
 K_TEST=${K_TEST:-16}  # ITM re-ranking depth of the dev evaluation (the paper's 128 takes hours on a CPU)
 export HF_HUB_OFFLINE=1
 common=(--data-root "$F8K" --split train --device "$DEVICE" --seed 0 --cache-dir "$RUN/features" --no-progress --resume)
+itm=(--itm-uniform "$ITM_UNIFORM")
+if [ "$ITM_NEGATIVES" -gt 0 ]; then itm=(--itm-negatives "$ITM_NEGATIVES"); fi
 step() { printf '%s/checkpoints/step_%07d' "$1" "$2"; }
 
 "$BIN/python" -m qformer.train "${common[@]}" --model "$INIT" --lock-text --objectives itc --cache-views "$CACHE_VIEWS" \
   --batch-size 256 --max-steps "$WARMUP_STEPS" --warmup-steps 10 --lr 1e-3 --min-lr 1e-5 --log-every 5 \
   --checkpoint-every 23 --out-dir "$RUN/warmup"
 "$BIN/python" -m qformer.train "${common[@]}" --model "$(step "$RUN/warmup" "$WARMUP_STEPS")" \
-  --cache-views "$CACHE_VIEWS" --itm-negatives "$ITM_NEGATIVES" --text-lr-scale "$TEXT_LR_SCALE" --batch-size 32 \
+  --cache-views "$CACHE_VIEWS" "${itm[@]}" --text-lr-scale "$TEXT_LR_SCALE" --batch-size 32 \
   --max-steps "$STAGE1_STEPS" --warmup-steps 50 --lr "$STAGE1_LR" --min-lr 1e-5 --log-every 10 --checkpoint-every 50 \
   --eval-split dev --eval-k-test 16 --eval-max-images 200 --eval-every-epochs 0.5 --out-dir "$RUN/stage1"
 "$BIN/python" - "$(step "$RUN/stage1" "$STAGE1_STEPS")" <<'PY'

@@ -122,6 +122,17 @@ def test_hard_negatives_never_pick_a_positive():
     pos[:, 0] = True
     _, cols = sample_hard_negatives(sim, pos, g)
     assert (cols == 1).float().mean() > 0.8 and not (cols == 0).any()
+    # --itm-uniform: a share of the draws uniform over the negatives, still never a positive
+    sim = torch.tensor([[9.0, 30.0, 0.0, -2.0]]).expand(3000, -1)  # column 1 would take every hard draw
+    pos = torch.zeros(3000, 4, dtype=torch.bool)
+    pos[:, 0] = True
+    _, cols = sample_hard_negatives(sim, pos, g, uniform=0.6)
+    share = torch.bincount(cols, minlength=4).float() / len(cols)  # expected [0, 0.4 + 0.2, 0.2, 0.2]
+    assert share[0] == 0 and abs(share[1] - 0.6) < 0.04 and abs(share[2] - 0.2) < 0.03 and abs(share[3] - 0.2) < 0.03
+    _, cols = sample_hard_negatives(sim, pos, g, uniform=1.0)
+    assert abs((cols == 1).float().mean() - 1 / 3) < 0.04
+    with pytest.raises(ValueError, match="uniform"):
+        sample_hard_negatives(sim, pos, g, uniform=1.5)
 
 
 def test_itc_label_smoothing():
@@ -486,6 +497,10 @@ def test_locked_text_needs_the_itc_objective(tmp_path):
         train(TrainConfig(objectives="itc", out_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="stage-1 options"):
         train(TrainConfig(stage=2, lock_text=True, objectives="itc", out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="--itm-uniform"):
+        train(TrainConfig(itm_uniform=0.5, itm_negatives=4, out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="--itm-uniform"):
+        train(TrainConfig(itm_uniform=-0.1, out_dir=str(tmp_path)))
 
 
 @needs_data
