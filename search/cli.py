@@ -65,7 +65,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     captions = []
     if images:
         captioner = load_captioner(args.model, _device(args.device), num_beams=args.beams,
-                                   max_length=args.max_length, min_length=args.min_length, prompt=args.prompt)
+                                   max_length=args.max_length, min_length=args.min_length, prompt=args.prompt,
+                                   no_repeat_ngram_size=args.no_repeat_ngram)
         captions = captioner.caption_images(images, batch_size=args.batch_size)
     if args.json:
         _print_json([{"path": n, "caption": c} for n, c in zip(names, captions, strict=True)])
@@ -126,7 +127,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
             captioner = load_captioner(args.caption_model, _device(args.device)).caption_images
         elif args.captions:  # the index model's own ITG decoder
-            from qformer.caption import caption_images
+            from qformer.itg_decoder import caption_images
 
             def captioner(images):
                 return caption_images(model, images)
@@ -283,7 +284,7 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_captions(args: argparse.Namespace) -> int:
-    """BLEU-4 and CIDEr of a captioner on a captioned image set."""
+    """BLEU-4, CIDEr and degenerate captions of a captioner on a captioned image set."""
     from qformer.captioner import evaluate_captioner, load_captioner
     from qformer.datasets import load_retrieval_set
 
@@ -291,11 +292,12 @@ def cmd_bench_captions(args: argparse.Namespace) -> int:
     if args.max_images:
         data = data.head(args.max_images)
     captioner = load_captioner(args.model, _device(args.device), num_beams=args.beams, max_length=args.max_length,
-                               min_length=args.min_length, prompt=args.prompt)
+                               min_length=args.min_length, prompt=args.prompt, no_repeat_ngram_size=args.no_repeat_ngram)
     res = evaluate_captioner(captioner, data, batch_size=args.batch_size, num_workers=args.workers,
                              progress=not args.quiet)
     print(f"{args.dataset} {args.split}: {res['n_images']} images, {captioner.kind} captioner of {captioner.name} "
-          f"{captioner.settings}: BLEU-4 {res['bleu4']:.2f}  CIDEr {res['cider']:.2f}  ({res['seconds']} s)")
+          f"{captioner.settings}: BLEU-4 {res['bleu4']:.2f}  CIDEr {res['cider']:.2f}  degenerate "
+          f"{res['degenerate']}/{res['n_images']}  distinct {res['distinct']}  ({res['seconds']} s)")
     if args.out:
         out = {"dataset": args.dataset, "split": args.split, "root": str(args.root), **res}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -336,6 +338,9 @@ def _caption_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None, help="most tokens (default 30)")
     p.add_argument("--min-length", type=int, default=None, help="fewest tokens (default: ITG 10, LLM 8)")
     p.add_argument("--prompt", default=None, help='LLM captioner only: the text prompt (default "a photo of")')
+    p.add_argument("--no-repeat-ngram", type=int, default=None, metavar="N",
+                   help="repetition guard: no token N-gram twice in a caption; 0: off (default: the captioner's, "
+                        "see qformer/captioner.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:

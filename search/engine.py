@@ -181,7 +181,7 @@ class Searcher:
         if image is not None:
             q_img, _, decoded = self.embed_image(image)
             if expand:
-                from qformer.caption import caption_images
+                from qformer.itg_decoder import caption_images
 
                 caption = caption_images(self.model, [decoded])[0]
                 text = f"{text} {caption}" if text else caption

@@ -1,4 +1,5 @@
-"""The Q-Former ITG captioner: KV-cached decoding, greedy and beam search, length limits, training sanity."""
+"""The Q-Former ITG captioner: KV-cached decoding, greedy and beam search, length limits, the repetition guard,
+training sanity; and the degenerate-caption count of the captioning benchmark."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qformer.caption import ITGDecoder, caption_images, generate_captions, generate_token_ids
+from qformer.captioner import is_degenerate
+from qformer.itg_decoder import ITGDecoder, caption_images, generate_captions, generate_token_ids
 from qformer.config import QFormerConfig
 from qformer.encoders import ImageEncoder
 from qformer.factory import Blip2Retriever
@@ -241,10 +243,61 @@ def test_beam_search_matches_transformers_generate(model, images):
             return {"input_ids": input_ids}
 
     early = ends_early(model)
-    for m, max_length, min_length in ((model, 30, 10), (early, 30, 10), (early, 12, 1)):
-        ours = generate_token_ids(m, images, SEP, num_beams=3, max_length=max_length, min_length=min_length)
+    for m, max_length, min_length, guard in ((model, 30, 10, 0), (early, 30, 10, 0), (early, 12, 1, 0),
+                                             (model, 30, 10, 2), (early, 30, 10, 2)):
+        ours = generate_token_ids(m, images, SEP, num_beams=3, max_length=max_length, min_length=min_length,
+                                  no_repeat_ngram_size=guard)
         config = GenerationConfig(num_beams=3, do_sample=False, max_length=max_length, min_length=min_length,
-                                  eos_token_id=SEP, pad_token_id=0, bos_token_id=BOS, use_cache=False)
+                                  eos_token_id=SEP, pad_token_id=0, bos_token_id=BOS, use_cache=False,
+                                  no_repeat_ngram_size=guard)
         for i, got in enumerate(ours):
             hf = ITGWrapper(m, images[i : i + 1]).eval().generate(torch.tensor([[BOS]]), generation_config=config)
             assert got == hf[0, 1:].tolist()
+
+
+def has_repeated_ngram(seq: list[int], n: int) -> bool:
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@torch.no_grad()
+def test_no_repeat_ngram_guard_on_crafted_logits(model, images, monkeypatch, num_beams):
+    """Crafted logits that loop over three word pieces, a fresh fallback second best at each step: without
+    the guard the caption loops; with n = 3 greedy takes the fallback exactly where a 3-gram would repeat."""
+    cycle, fresh = [2000, 2001, 2002], list(range(3000, 3030))
+    length, n = 12, 3
+
+    def crafted_step(self: ITGDecoder, tokens: Tensor) -> Tensor:  # [R] -> [R,V]
+        j = self.length
+        self.length += 1
+        logits = torch.zeros(len(tokens), TINY.vocab_size)
+        logits[:, cycle[j % 3]] = 10.0
+        logits[:, fresh[j]] = 5.0
+        return logits
+
+    monkeypatch.setattr(ITGDecoder, "step", crafted_step)
+    run = {g: generate_token_ids(model, images[:2], SEP, num_beams, max_length=length + 1, min_length=1,
+                                 no_repeat_ngram_size=g) for g in (0, n)}
+    loop = [cycle[j % 3] for j in range(length)]
+    assert run[0] == [loop, loop] and has_repeated_ngram(loop, n)
+    expected: list[int] = []  # the rule written out: the loop's piece unless it would complete a seen 3-gram
+    for j in range(length):
+        seen = {tuple(expected[i : i + n]) for i in range(len(expected) - n + 1)}
+        piece = cycle[j % 3]
+        expected.append(fresh[j] if tuple([*expected[-(n - 1):], piece]) in seen else piece)
+    assert expected != loop
+    if num_beams == 1:
+        assert run[n] == [expected, expected]
+    else:  # beam search may trade a step's best for a better whole; it still never repeats (test above: = HF's)
+        assert all(len(row) == length and not has_repeated_ngram(row, n) for row in run[n])
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        generate_token_ids(model, images[:1], SEP, no_repeat_ngram_size=-1)
+
+
+def test_is_degenerate():
+    assert is_degenerate("a person wearing a helmet wearing a helmet wearing a helmet")
+    assert is_degenerate("A dog, a dog. A dog!")  # words as scored: case and punctuation do not count
+    assert not is_degenerate("a person wearing a helmet wearing a helmet")  # twice is not enough
+    assert not is_degenerate("a dog runs and a dog jumps and a cat sits")  # "a dog" twice, no 3-gram thrice
+    assert not is_degenerate("") and not is_degenerate("dog dog")

@@ -288,6 +288,87 @@ def test_generate_respects_lengths(kind):
     assert all(isinstance(c, str) and c == c.strip() for c in caps)
 
 
+def craft_logits(model: Blip2LLM, scores_at) -> tuple:
+    """Replace the LLM's next-token logits with crafted ones: at generation step j every position's logits
+    are 0 except {token: score} of scores_at(j). Returns (hook handle, list of the steps run)."""
+    steps: list[int] = []
+
+    def hook(module, args, out):
+        crafted = torch.zeros_like(out)
+        for token, score in scores_at(len(steps)).items():
+            crafted[..., token] = score
+        steps.append(len(steps))
+        return crafted
+
+    return model.llm.lm_head.register_forward_hook(hook), steps
+
+
+def has_repeated_ngram(seq: list[int], n: int) -> bool:
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_generation_stops_at_eos(kind):
+    model = tiny_model(kind).eval()
+    eos, dog = model.eos_token_id, model.tokenizer.convert_tokens_to_ids("dog")
+    handle, steps = craft_logits(model, lambda j: {dog: 5.0, eos: 10.0 if j == 4 else -10.0})
+    try:
+        greedy = generate_llm_token_ids(model, fake_images(3), num_beams=1, max_length=9, min_length=2)
+        assert len(steps) == 5  # generation ended at the step that chose EOS
+        beams = generate_llm_token_ids(model, fake_images(3), num_beams=3, max_length=9, min_length=2)
+    finally:
+        handle.remove()
+    assert greedy == beams == [[dog] * 4] * 3  # the tokens before EOS, EOS itself removed
+
+
+def test_no_repeat_ngram_guard_on_crafted_logits():
+    """Crafted logits that loop over three words ("a dog runs a dog runs ..."), a fresh fallback token second
+    best at each step: the guard (n = 3) takes the fallback exactly where the loop would repeat a 3-gram."""
+    model = tiny_model("llama").eval()
+    cycle = [model.tokenizer.convert_tokens_to_ids(w) for w in ("a", "dog", "runs")]
+    fresh = [t for t in range(4, model.llm.config.vocab_size) if t not in cycle]  # one per step, never repeated
+    length, n = 10, 3
+    handle, _ = craft_logits(model, lambda j: {cycle[j % 3]: 10.0, fresh[j]: 5.0})
+    try:
+        def run(num_beams: int, guard: int) -> list[list[int]]:
+            return generate_llm_token_ids(model, fake_images(2), num_beams=num_beams, max_length=length,
+                                          min_length=1, no_repeat_ngram_size=guard)
+
+        unguarded, guarded, guarded_beams = run(1, 0), run(1, n), run(3, n)
+    finally:
+        handle.remove()
+    loop = [cycle[j % 3] for j in range(length)]
+    assert unguarded == [loop, loop] and has_repeated_ngram(loop, n)
+    expected: list[int] = []  # the rule written out: the loop's word unless it would complete a seen 3-gram
+    for j in range(length):
+        seen = {tuple(expected[i : i + n]) for i in range(len(expected) - n + 1)}
+        word = cycle[j % 3]
+        expected.append(fresh[j] if tuple([*expected[-(n - 1):], word]) in seen else word)
+    assert expected != loop and guarded == [expected, expected]
+    assert all(len(row) == length and not has_repeated_ngram(row, n) for row in guarded_beams)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        generate_llm_token_ids(model, fake_images(1), no_repeat_ngram_size=-1)
+
+
+def test_wrong_llm_for_a_checkpoint_is_a_clear_error(tmp_path):
+    from qformer.checkpoints import CheckpointError
+
+    llm_dir = _tiny_llm_dir(tmp_path, "llama")
+    llm, tok = load_llm(str(llm_dir))
+    d = Blip2LLM(QFormer(TINY_QFORMER), llm, tok, str(llm_dir)).save_pretrained(tmp_path / "stage2")
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=llm.config.vocab_size, hidden_size=48, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(CheckpointError, match="trained for an LLM 32 wide.* 48 wide"):
+        Blip2LLM.from_pretrained(d, llm=(wider, tok))
+    meta = json.loads((d / STAGE2_CONFIG).read_text())
+    for gone, message in ((tmp_path / "gone" / "model.gguf", "LLM GGUF file not found"),
+                          (tmp_path / "gone-dir", "could not load the LLM")):
+        (d / STAGE2_CONFIG).write_text(json.dumps({**meta, "llm": str(gone)}))
+        with pytest.raises(CheckpointError, match=f"cannot load the LLM it was trained with: {message}"):
+            Blip2LLM.from_pretrained(d)
+
+
 # ---- caption metrics ---------------------------------------------------------------------------------------
 def test_caption_metrics():
     refs = {1: ["a dog runs on the grass"], 2: ["two birds fly over water"], 3: ["the man rides his blue bike"]}
@@ -439,7 +520,7 @@ def test_caption_and_bench_captions_cli_with_both_captioners(tmp_path, stage1_di
 
     # the collection captioned at index time by the LLM captioner (the index itself uses the stage-1 model)
     from indexer import Index
-    from qformer.captioner import load_captioner
+    from qformer.captioner import is_degenerate, load_captioner
 
     assert main(["index", str(tmp_path / "idx"), str(FIXTURE_IMAGES), "--model", str(small_model_dir),
                  "--caption-model", str(compact), "--workers", "0", "--device", "cpu", "--json"]) == 0
@@ -463,4 +544,11 @@ def test_caption_and_bench_captions_cli_with_both_captioners(tmp_path, stage1_di
         again = caption_metrics(preds, {Path(k).name: v for k, v in refs.items()})
         assert res["bleu4"] == pytest.approx(100 * again["bleu4"], abs=0.01)
         assert res["cider"] == pytest.approx(100 * again["cider"], abs=0.01)
+        assert res["degenerate"] == sum(is_degenerate(c) for c in preds.values())
         assert f"{kind} captioner" in capsys.readouterr().out
+        assert main(["bench", "captions", "--dataset", "lavis", "--root", str(lavis_tiny), "--split", "test",
+                     "--model", str(m), "--workers", "0", "--quiet", "--out", str(res_path), "--no-repeat-ngram",
+                     "2", *kw]) == 0
+        guarded = json.loads(res_path.read_text())
+        assert guarded["settings"]["no_repeat_ngram_size"] == 2
+        assert "degenerate" in capsys.readouterr().out

@@ -72,7 +72,7 @@ def run_search(index_dir: str, generation: str, text: str, upload: bytes | None,
 
 @st.cache_data(show_spinner="Captioning…", max_entries=1024)
 def caption_of(index_dir: str, generation: str, image_id: int) -> str:
-    from qformer.caption import caption_images
+    from qformer.itg_decoder import caption_images
 
     searcher = load_searcher(index_dir, generation)
     return caption_images(searcher.model, [core.read_indexed_image(searcher.index, image_id)])[0]

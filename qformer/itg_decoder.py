@@ -3,6 +3,11 @@
 Decoding starts from [DEC] (config.bos_token_id) and stops at [SEP] (the tokenizer's sep token); LAVIS
 defaults are beam search with 3 beams, max_length 30, min_length 10, repetition penalty 1.0.
 
+Repetition guards, both off by default and applied as in HF `generate` (greedy: to the logits; beam search:
+to the beams' log-probs): `repetition_penalty` (CTRL) and `no_repeat_ngram_size` n (HF's
+`NoRepeatNGramLogitsProcessor`: a token that would repeat an n-gram of the sequence so far, [DEC] included,
+is forbidden).
+
 Length accounting follows HF `generate` with LAVIS' one-token prompt [DEC]:
 - `max_length` counts the whole sequence, [DEC] and [SEP] included: at most max_length - 1 generated tokens;
 - [SEP] is forbidden while the sequence, [DEC] included, is shorter than `min_length`: at least
@@ -24,6 +29,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import NoRepeatNGramLogitsProcessor
 
 from qformer.factory import Blip2Retriever
 from qformer.model import QFormer
@@ -82,22 +88,25 @@ class ITGDecoder:
         self.values = [v[rows] for v in self.values]
 
 
-def _repetition_penalty(scores: Tensor, seqs: Tensor, penalty: float) -> Tensor:
-    """CTRL / HF penalty on scores [R,V] of every token already in seqs [R,t]: negative * p, positive / p."""
-    if penalty == 1.0:
-        return scores
-    seen = scores.gather(1, seqs)  # [R,t]
-    return scores.scatter(1, seqs, torch.where(seen < 0, seen * penalty, seen / penalty))
+def _repetition_guard(scores: Tensor, seqs: Tensor, penalty: float, no_repeat_ngram_size: int) -> Tensor:
+    """Scores [R,V] after the CTRL / HF penalty on every token already in seqs [R,t] (negative * p, positive / p)
+    and with -inf on each token that would repeat an n-gram of seqs (n = no_repeat_ngram_size; 0: off)."""
+    if penalty != 1.0:
+        seen = scores.gather(1, seqs)  # [R,t]
+        scores = scores.scatter(1, seqs, torch.where(seen < 0, seen * penalty, seen / penalty))
+    if no_repeat_ngram_size > 0:
+        scores = NoRepeatNGramLogitsProcessor(no_repeat_ngram_size)(seqs, scores)
+    return scores
 
 
 def _greedy(dec: ITGDecoder, b: int, bos: int, eos: int, max_length: int, min_length: int,
-            penalty: float) -> list[list[int]]:
+            penalty: float, no_repeat_ngram_size: int) -> list[list[int]]:
     """Argmax decoding of B images (one row each); rows leave the batch when they emit [SEP]."""
     out: list[list[int]] = [[] for _ in range(b)]
     active = list(range(b))  # image of each row
     seqs = torch.full((b, 1), bos, dtype=torch.long, device=dec.keys[0].device)  # [A,1+t]
     for t in range(1, max_length):  # t: position being predicted = tokens so far, [DEC] included
-        logits = _repetition_penalty(dec.step(seqs[:, -1]).float(), seqs, penalty)  # [A,V]
+        logits = _repetition_guard(dec.step(seqs[:, -1]).float(), seqs, penalty, no_repeat_ngram_size)  # [A,V]
         if t < min_length:
             logits[:, eos] = -torch.inf
         token = logits.argmax(dim=-1)  # [A]
@@ -123,7 +132,7 @@ def _add_hypothesis(hyps: list[Hypothesis], hyp: Hypothesis, num_beams: int) -> 
 
 
 def _beam_search(dec: ITGDecoder, b: int, k: int, bos: int, eos: int, max_length: int, min_length: int,
-                 penalty: float) -> list[list[int]]:
+                 penalty: float, no_repeat_ngram_size: int) -> list[list[int]]:
     """Length-normalised beam search (HF `generate`, early_stopping=False) of B images × K beams."""
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     active = list(range(b))  # images still searching, in row order
@@ -135,7 +144,7 @@ def _beam_search(dec: ITGDecoder, b: int, k: int, bos: int, eos: int, max_length
     for t in range(1, max_length):  # t: position being predicted = generated tokens after this step
         a = len(active)
         logp = F.log_softmax(dec.step(seqs[:, -1]).float(), dim=-1)  # [A*K,V]
-        logp = _repetition_penalty(logp, seqs, penalty)  # HF applies it to the beam log-probs
+        logp = _repetition_guard(logp, seqs, penalty, no_repeat_ngram_size)  # HF: on the beam log-probs
         if t < min_length:
             logp[:, eos] = -torch.inf
         v = logp.shape[1]
@@ -174,12 +183,12 @@ def _beam_search(dec: ITGDecoder, b: int, k: int, bos: int, eos: int, max_length
 
 @torch.inference_mode()
 def generate_token_ids(qformer: QFormer, image_tokens: Tensor, eos_token_id: int, num_beams: int = 3,
-                       max_length: int = 30, min_length: int = 10, repetition_penalty: float = 1.0
-                       ) -> list[list[int]]:
+                       max_length: int = 30, min_length: int = 10, repetition_penalty: float = 1.0,
+                       no_repeat_ngram_size: int = 0) -> list[list[int]]:
     """Image tokens [B,N,C] -> B lists of generated token ids: the tokens after [DEC], ending with
     [SEP] (eos_token_id) unless max_length was reached. All images and beams decode in one batch."""
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if num_beams < 1 or no_repeat_ngram_size < 0:
+        raise ValueError(f"need num_beams >= 1 and no_repeat_ngram_size >= 0 (got {num_beams}, {no_repeat_ngram_size})")
     b = image_tokens.shape[0]
     if b == 0 or max_length < 2:
         return [[] for _ in range(b)]
@@ -189,19 +198,21 @@ def generate_token_ids(qformer: QFormer, image_tokens: Tensor, eos_token_id: int
     try:
         dec = ITGDecoder(qformer, image_tokens.to(qformer.query_tokens.device), num_beams, max_length - 1)
         if num_beams == 1:
-            return _greedy(dec, b, bos, eos_token_id, max_length, min_length, repetition_penalty)
-        return _beam_search(dec, b, num_beams, bos, eos_token_id, max_length, min_length, repetition_penalty)
+            return _greedy(dec, b, bos, eos_token_id, max_length, min_length, repetition_penalty, no_repeat_ngram_size)
+        return _beam_search(dec, b, num_beams, bos, eos_token_id, max_length, min_length, repetition_penalty,
+                            no_repeat_ngram_size)
     finally:
         qformer.train(was_training)
 
 
 @torch.inference_mode()
 def generate_captions(qformer: QFormer, image_tokens: Tensor, tokenizer, num_beams: int = 3, max_length: int = 30,
-                      min_length: int = 10, repetition_penalty: float = 1.0) -> list[str]:
+                      min_length: int = 10, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0
+                      ) -> list[str]:
     """Image tokens [B,N,C] -> B captions (LAVIS `Blip2Qformer.generate`: beam search from [DEC] to [SEP],
     decoded without special tokens). num_beams=1 decodes greedily."""
     ids = generate_token_ids(qformer, image_tokens, tokenizer.sep_token_id, num_beams, max_length, min_length,
-                             repetition_penalty)
+                             repetition_penalty, no_repeat_ngram_size)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
