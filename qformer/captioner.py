@@ -88,8 +88,8 @@ def load_captioner(model: str | Path, device: str | torch.device = "cpu", num_be
 
         return Captioner(str(model), "llm", m.encoder.preprocess(), llm_caption, settings)
 
-    from qformer.itg_decoder import generate_captions
     from qformer.factory import create_model
+    from qformer.itg_decoder import generate_captions
 
     if prompt is not None:
         raise ValueError("a prompt needs an LLM captioner (a stage-2 model); the ITG decoder takes none")

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer.captioner import is_degenerate
-from qformer.itg_decoder import ITGDecoder, caption_images, generate_captions, generate_token_ids
 from qformer.config import QFormerConfig
 from qformer.encoders import ImageEncoder
 from qformer.factory import Blip2Retriever
+from qformer.itg_decoder import ITGDecoder, caption_images, generate_captions, generate_token_ids
 from qformer.model import QFormer
 from qformer.tokenizer import load_tokenizer, tokenize
 
