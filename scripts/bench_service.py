@@ -146,9 +146,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--itc-single", type=int, default=400, help="requests of phase 1")
-    ap.add_argument("--itc-multi", type=int, default=1400, help="requests of phase 2")
+    ap.add_argument("--itc-multi", type=int, default=1600, help="requests of phase 2")
     ap.add_argument("--itm", type=int, default=200, help="requests of phase 3")
-    ap.add_argument("--max-seconds", type=float, default=180, help="per phase")
+    ap.add_argument("--max-seconds", type=float, default=150, help="per phase: a phase stops there")
     ap.add_argument("--out", default="docs/results/bench_service.json")
     args = ap.parse_args()
 
@@ -175,7 +175,8 @@ def main() -> None:
         startup = time.perf_counter() - t0
         info = httpx.get(f"{base}/info").json()
         load = Load(base, captions)
-        load.run(1, 10, {"k": 10, "rerank": 128}, 60)  # warm-up (counted as requests, not timed)
+        load.run(1, 5, {"k": 10, "rerank": 0}, 60)  # warm-up (counted as requests, not timed)
+        load.run(1, 1, {"k": 10, "rerank": 128}, 60)
         phases = {
             "itc_1_client": load.run(1, args.itc_single, {"k": 10, "rerank": 0}, args.max_seconds),
             "itc_8_clients": load.run(8, args.itc_multi, {"k": 10, "rerank": 0}, args.max_seconds),

@@ -45,7 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from indexer.errors import IndexStoreError
-from indexer.store import read_current
+from indexer.store import gen_file, read_current
 from search.engine import MAX_QUERY_CHARS, CaptionHit, Hit, QueryError, Searcher
 from search.images import NotIndexed, indexed_bytes, read_upload, thumbnail
 from search.jsonout import dumps
@@ -135,7 +135,7 @@ class ServedIndex:
         except IndexStoreError as e:
             self.reload_error = str(e)
             return False
-        if name == f"gen-{self.generation:06d}.json":
+        if name == gen_file(self.generation):
             return False
         try:
             new = Searcher(self.cfg.index, model=self.searcher.model, device=self.cfg.device,
