@@ -45,7 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from indexer.errors import IndexStoreError
-from indexer.store import read_current
+from indexer.store import gen_file, read_current
 from search.engine import MAX_QUERY_CHARS, CaptionHit, Hit, QueryError, Searcher
 from search.images import NotIndexed, indexed_bytes, read_upload, thumbnail
 from search.jsonout import dumps
@@ -135,7 +135,7 @@ class ServedIndex:
         except IndexStoreError as e:
             self.reload_error = str(e)
             return False
-        if name == f"gen-{self.generation:06d}.json":
+        if name == gen_file(self.generation):
             return False
         try:
             new = Searcher(self.cfg.index, model=self.searcher.model, device=self.cfg.device,
@@ -590,13 +590,13 @@ def serve(cfg: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, workers
             raise ValueError("serve(workers > 1) with an API key needs api_key_file")
         fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "api_key"}
         os.environ[CONFIG_ENV] = json.dumps({**fields, "api_key_file": api_key_file if cfg.api_key else None})
-    else:
-        server = uvicorn.Server(uvicorn.Config(create_app(cfg), **options))
+        # the supervisor stops its server processes on SIGINT/SIGTERM and returns; they must not inherit
+        # ignored signals, so nothing is changed here
+        uvicorn.run("search.service:app_from_env", factory=True, workers=workers, **options)
+        return
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg), **options))
     # uvicorn re-raises the signal that stopped it once it has shut down; with these ignored by then, the
     # process ends as the command returns (exit status 0)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if workers > 1:
-        uvicorn.run("search.service:app_from_env", factory=True, workers=workers, **options)
-    else:
-        server.run()
+    server.run()

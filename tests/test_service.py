@@ -387,17 +387,21 @@ def test_served_index_follows_new_generations_and_drains_on_sigterm(small_model_
 
         # SIGTERM while requests are in flight: they are answered, then the process exits 0
         results: list[int | str] = []
+        answered = threading.Event()
 
         def one():
-            try:
-                results.append(httpx.post(f"{base}/search", json={**query, "rerank": 5}, timeout=30).status_code)
-            except httpx.ConnectError:  # arrived after the listening socket closed: refused, never dropped
-                results.append("refused")
+            for _ in range(3):
+                try:
+                    code = httpx.post(f"{base}/search", json={**query, "rerank": 5}, timeout=30).status_code
+                except httpx.ConnectError:  # arrived after the listening socket closed: refused, never dropped
+                    code = "refused"
+                results.append(code)
+                answered.set()
 
-        threads = [threading.Thread(target=one) for _ in range(6)]
+        threads = [threading.Thread(target=one) for _ in range(8)]
         for th in threads:
             th.start()
-        time.sleep(0.05)
+        assert answered.wait(timeout=60)  # the server is busy with the others now
         proc.send_signal(signal.SIGTERM)
         for th in threads:
             th.join()
