@@ -29,7 +29,7 @@ from qformer.factory import create_model
 from qformer.features import FeatureCache
 from qformer.malloc import keep_freed_memory
 from qformer.pairs import load_pairs
-from qformer.retrieval import recall_at_k
+from qformer.recall import recall_at_k
 from qformer.tokenizer import load_tokenizer, minilm_dir
 
 

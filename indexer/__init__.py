@@ -11,8 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "IndexConfig": "indexer.build", "IndexStats": "indexer.build", "build_index": "indexer.build",
-    "remove_from_index": "indexer.build", "BadImage": "indexer.decode", "decode_image": "indexer.decode",
-    "load_image": "indexer.decode", "IndexCorrupt": "indexer.errors", "IndexLocked": "indexer.errors",
+    "remove_from_index": "indexer.build", "BadImage": "qformer.decode", "decode_image": "qformer.decode",
+    "load_image": "qformer.decode", "IndexCorrupt": "indexer.errors", "IndexLocked": "indexer.errors",
     "IndexNotFound": "indexer.errors", "IndexStoreError": "indexer.errors", "ModelMismatch": "indexer.errors",
     "model_fingerprint": "indexer.fingerprint", "Index": "indexer.index", "dequantize": "indexer.store",
     "quantize": "indexer.store",

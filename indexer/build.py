@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from indexer import metadata as md
 from indexer import store
-from indexer.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from indexer.errors import ModelMismatch
 from indexer.fingerprint import model_fingerprint, model_identity
 from indexer.writer import IndexWriter
+from qformer.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from qformer.factory import Blip2Retriever
 from qformer.itm import ItmReranker
 from qformer.precision import autocast, resolve

@@ -119,7 +119,7 @@ def evaluate_captioner(captioner: Captioner, data: RetrievalSet, batch_size: int
     and CIDEr-D (pycocoevalcap scorers; see `qformer.blip2_llm.caption_metrics`), plus the number of
     degenerate captions (`is_degenerate`), of distinct captions and the mean length in words."""
     from qformer.blip2_llm import caption_metrics
-    from qformer.evaluate import ImageFiles
+    from qformer.retrieval_bench import ImageFiles
 
     loader = DataLoader(ImageFiles(data.image_paths, captioner.preprocess), batch_size=batch_size,
                         num_workers=num_workers, worker_init_fn=lower_priority)

@@ -2,7 +2,7 @@
 
 Every reader returns a :class:`RetrievalSet`: images in a fixed order, all captions flattened (image-major,
 with LAVIS ``pre_caption`` applied), and the index maps ``img2txt`` / ``txt2img`` used by
-:func:`qformer.retrieval.recall_at_k`.
+:func:`qformer.recall.recall_at_k`.
 """
 
 from __future__ import annotations

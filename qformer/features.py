@@ -26,7 +26,6 @@ format of `qformer.sources`; `read_image` and the indexer both read such members
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from qformer.decode import BadImage, load_image
 from qformer.encoders import ImageEncoder
 from qformer.workers import lower_priority
 
@@ -103,12 +103,12 @@ def read_image(path: Path, transform: Callable[[Image.Image], Tensor]) -> tuple[
     `path` is a file or a tar member ("<tar>::<member>")."""
     try:
         member = split_tar_path(path)
-        with Image.open(io.BytesIO(read_tar_member(*member)) if member else path) as im:
-            im.load()  # decode fully now: a truncated file fails here, not later
-            return transform(im), ""
+        return transform(load_image(read_tar_member(*member) if member else path)), ""
     except FileNotFoundError:
         return None, "file not found"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except BadImage as e:
+        return None, str(e)
+    except OSError as e:  # a tar that cannot be read
         return None, f"{type(e).__name__}: {e}"
 
 

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer.datasets import RetrievalSet
-from qformer.evaluate import EmbeddedSet, make_itm_fn
 from qformer.factory import Blip2Retriever, create_model
 from qformer.features import FeatureCache
 from qformer.losses import TEMP_RANGE, itc_loss, stage1_losses
 from qformer.model import TEXT_PATH, QFormer
 from qformer.pairs import CaptionPairs, HardNegatives, load_pairs, retrieval_set_from_pairs
-from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
+from qformer.recall import itc_similarity, recall_at_k, rerank_with_itm
+from qformer.retrieval_bench import EmbeddedSet, make_itm_fn
 from qformer.tokenizer import TRAIN_MAX_LENGTH, tokenize
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def load_eval_set(cfg: TrainConfig, model: Blip2Retriever, cache_root: Path, tra
 def evaluate_model(model: Blip2Retriever, eval_set: EvalSet, k_test: int, batch_size: int = 64,
                    text_batch_size: int = 256) -> dict[str, Any]:
     """Recall@1/5/10 both ways, ITC-only ("itc") and ITC+ITM re-ranked at k_test ("itc+itm"): the protocol of
-    `qformer.evaluate.evaluate_retrieval`, fed from cached image tokens. The Q-Former must be in eval mode."""
+    `qformer.retrieval_bench.evaluate_retrieval`, fed from cached image tokens. The Q-Former must be in eval mode."""
     t0 = time.perf_counter()
     data, q = eval_set.data, model.qformer
     tokens = eval_set.cache[eval_set.rows].to(model.device)  # [Ni,N,C]

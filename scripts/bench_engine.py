@@ -25,10 +25,10 @@ import torch
 
 from indexer import IndexConfig, build_index
 from qformer.config import DEFAULT_MODEL
-from qformer.evaluate import ImageFiles
 from qformer.factory import create_model
 from qformer.malloc import keep_freed_memory
 from qformer.precision import resolve
+from qformer.retrieval_bench import ImageFiles
 from search.engine import Searcher
 from search.first_stage import faiss_top_images
 

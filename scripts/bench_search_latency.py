@@ -31,7 +31,7 @@ from qformer.factory import create_model
 from qformer.malloc import keep_freed_memory
 from qformer.precision import cpu_bf16_native, resolve
 from search.engine import Searcher
-from search.evaluate import engine_text_to_image_recall
+from search.engine_recall import engine_text_to_image_recall
 
 
 def ms(xs: list[float]) -> dict[str, float]:

@@ -31,13 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision import transforms
 from tqdm.auto import tqdm
 
 from indexer import IndexConfig, build_index
 from qformer.config import DEFAULT_MODEL
 from qformer.datasets import load_retrieval_set
+from qformer.decode import load_image
 from qformer.factory import create_model
 from search.engine import Searcher
 
@@ -82,8 +83,7 @@ def augmented(path: Path, seed: int, size: int = 384) -> Image.Image:
     torch.manual_seed(seed)
     aug = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.35, 0.7)),
                               transforms.RandomHorizontalFlip(), transforms.ColorJitter(0.3, 0.3, 0.3)])
-    with Image.open(path) as im:
-        return aug(ImageOps.exif_transpose(im).convert("RGB"))
+    return aug(load_image(path))
 
 
 def build(model, data, captions: dict[str, str], index: Path, dtype: str) -> None:

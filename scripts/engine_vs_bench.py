@@ -14,11 +14,11 @@ from pathlib import Path
 from indexer import IndexConfig, build_index
 from qformer.config import DEFAULT_MODEL
 from qformer.datasets import load_retrieval_set
-from qformer.evaluate import evaluate_retrieval
 from qformer.factory import create_model
 from qformer.malloc import keep_freed_memory
+from qformer.retrieval_bench import evaluate_retrieval
 from search.engine import Searcher
-from search.evaluate import engine_text_to_image_recall
+from search.engine_recall import engine_text_to_image_recall
 
 
 def main() -> None:

@@ -49,17 +49,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """Caption image files: the Q-Former's ITG decoder, or the frozen LLM of a stage-2 model."""
-    from PIL import Image, ImageOps
-
     from qformer.captioner import load_captioner
+    from qformer.decode import BadImage, load_image
 
     images, names, failed = [], [], []
     for path in args.images:
         try:
-            with Image.open(path) as im:
-                images.append(ImageOps.exif_transpose(im).convert("RGB"))
+            images.append(load_image(path))
             names.append(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except BadImage as e:
             failed.append(path)
             print(f"qsearch: skipping {path}: cannot read image ({e})", file=sys.stderr)
     captions = []
@@ -256,9 +254,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     """Recall@K on a retrieval dataset with the paper's protocol."""
     from qformer.datasets import load_retrieval_set
-    from qformer.evaluate import evaluate_retrieval
     from qformer.factory import create_model
-    from qformer.retrieval import format_table
+    from qformer.recall import format_table
+    from qformer.retrieval_bench import evaluate_retrieval
 
     data = load_retrieval_set(args.dataset, Path(args.root), args.split)
     if args.max_images:

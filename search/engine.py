@@ -30,8 +30,6 @@ from qformer.itm import ImageInput, ItmReranker
 from qformer.precision import use_bf16
 from search.first_stage import DEFAULT_RESCORE, FirstStage
 
-BASE_COLUMNS = ("image_id", "path", "source", "sha256", "size", "mtime", "width", "height", "format",
-                "caption", "indexed_at", "shard", "row")
 FUSION_DEPTH = 128  # hybrid search fuses the dense and BM25 rankings down to this depth
 MAX_QUERY_CHARS = 2000  # longer text is refused: the tokenizer would keep only ~35 tokens anyway
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from indexer.decode import DEFAULT_MAX_PIXELS, decode_image
+from qformer.decode import DEFAULT_MAX_PIXELS, decode_image
 from qformer.sources import Item, read_item_bytes
 
 THUMBNAIL_SIZE = 320  # longest side, pixels

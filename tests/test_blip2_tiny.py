@@ -25,7 +25,7 @@ def test_blip2_tiny_retrieves_far_above_chance_on_flickr8k_dev():
     """ITC on the first 100 dev images (500 captions): chance is 1% image R@1 and 5% text R@1; the untrained
     blip2-tiny-init stays near chance, the trained model must not."""
     from qformer.datasets import load_retrieval_set
-    from qformer.evaluate import evaluate_retrieval
+    from qformer.retrieval_bench import evaluate_retrieval
 
     data = load_retrieval_set("flickr8k", FLICKR8K, "dev").head(100)
     res = evaluate_retrieval(create_model("blip2-tiny"), data, k_test=0, num_workers=0, progress=False)["itc"]

@@ -297,7 +297,7 @@ def test_no_repeat_ngram_guard_on_crafted_logits(model, images, monkeypatch, num
 
 def test_is_degenerate():
     assert is_degenerate("a person wearing a helmet wearing a helmet wearing a helmet")
-    assert is_degenerate("A dog, a dog. A dog!")  # words as scored: case and punctuation do not count
+    assert is_degenerate("A dog, a dog. A dog, a dog!")  # words as scored: case and punctuation do not count
     assert not is_degenerate("a person wearing a helmet wearing a helmet")  # twice is not enough
     assert not is_degenerate("a dog runs and a dog jumps and a cat sits")  # "a dog" twice, no 3-gram thrice
     assert not is_degenerate("") and not is_degenerate("dog dog")

@@ -8,10 +8,10 @@ from conftest import FLICKR8K, needs_flickr8k
 
 from indexer import IndexConfig, build_index
 from qformer.datasets import load_retrieval_set
-from qformer.evaluate import evaluate_retrieval
 from qformer.factory import create_model
+from qformer.retrieval_bench import evaluate_retrieval
 from search.engine import Searcher
-from search.evaluate import engine_text_to_image_recall
+from search.engine_recall import engine_text_to_image_recall
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ from indexer import (
     remove_from_index,
     store,
 )
-from indexer.decode import to_rgb
+from qformer.decode import to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # encoder input size for these tests

@@ -10,10 +10,10 @@ import torch
 from indexer import IndexConfig, build_index
 from indexer.build import itm_keys_values
 from indexer.store import array_to_kv
-from qformer.evaluate import EmbeddedSet, make_itm_fn
 from qformer.factory import create_model
 from qformer.itm import ItmReranker
-from qformer.retrieval import rerank_with_itm
+from qformer.recall import rerank_with_itm
+from qformer.retrieval_bench import EmbeddedSet, make_itm_fn
 from search.engine import Searcher
 
 

@@ -11,7 +11,7 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 from qformer import checkpoints as ckpt
 from qformer.factory import Blip2Retriever, create_model, load_lavis
-from qformer.retrieval import itc_similarity
+from qformer.recall import itc_similarity
 
 ATOL = 1e-5
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,

@@ -9,7 +9,7 @@ from transformers import AutoModel
 from qformer.config import MINILM_L6, QFormerConfig
 from qformer.factory import minilm_qformer
 from qformer.model import QFormer, attention_mask
-from qformer.retrieval import itc_similarity
+from qformer.recall import itc_similarity
 from qformer.tokenizer import load_tokenizer, minilm_dir, tokenize
 
 SMALL = QFormerConfig(vocab_size=200, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128,

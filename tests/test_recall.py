@@ -1,4 +1,4 @@
-"""Tests for qformer.retrieval: ITC similarity, ITM re-ranking and recall@K."""
+"""Tests for qformer.recall: ITC similarity, ITM re-ranking and recall@K."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from qformer import retrieval
-from qformer.retrieval import FILL_SCORE, format_table, itc_similarity, recall_at_k, rerank_with_itm
+from qformer import recall
+from qformer.recall import FILL_SCORE, format_table, itc_similarity, recall_at_k, rerank_with_itm
 
 # ---------------------------------------------------------------------------------------------------------
 # reference implementations
@@ -232,7 +232,7 @@ def test_recall_is_fast_at_5000x1000() -> None:
 @pytest.mark.parametrize("chunk_elements", [None, 50])
 def test_itc_similarity_matches_naive(monkeypatch: pytest.MonkeyPatch, chunk_elements: int | None) -> None:
     if chunk_elements is not None:  # force many small chunks
-        monkeypatch.setattr(retrieval, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(recall, "_CHUNK_ELEMENTS", chunk_elements)
     gen = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(13, 4, 8, generator=gen), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(9, 8, generator=gen), dim=-1)
@@ -367,13 +367,13 @@ def test_rerank_then_recall_end_to_end() -> None:
 
 def test_format_table() -> None:
     res = {
-        "itc": {c: 12.3456 for c in retrieval.TABLE_COLUMNS},
-        "itc+itm": {c: 100.0 for c in retrieval.TABLE_COLUMNS if c != "r_mean"},
+        "itc": {c: 12.3456 for c in recall.TABLE_COLUMNS},
+        "itc+itm": {c: 100.0 for c in recall.TABLE_COLUMNS if c != "r_mean"},
     }
     table = format_table(res)
     lines = table.splitlines()
     assert len(lines) == 4
-    assert lines[0].split() == ["method", *retrieval.TABLE_COLUMNS]
+    assert lines[0].split() == ["method", *recall.TABLE_COLUMNS]
     assert lines[2].split()[0] == "itc" and "12.35" in lines[2]
     assert lines[3].split()[0] == "itc+itm" and lines[3].split()[-1] == "-"
     assert len({len(line) for line in lines}) == 1  # aligned

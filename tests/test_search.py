@@ -248,7 +248,7 @@ def test_faiss_first_stage_finds_the_best_images_when_each_images_vectors_cluste
 def test_engine_recall_matches_files_indexed_through_a_symlink(collection, small_model_dir, tmp_path):
     """A collection indexed under a symlinked name is evaluated against its real paths (and back)."""
     from qformer.datasets import RetrievalSet
-    from search.evaluate import engine_text_to_image_recall
+    from search.engine_recall import engine_text_to_image_recall
 
     link = tmp_path / "linked"
     link.symlink_to(collection, target_is_directory=True)

@@ -16,11 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from qformer.datasets import RetrievalSet
+from qformer.decode import BadImage, load_image
 from qformer.factory import Blip2Retriever
 from qformer.itm import ITM_BATCH, ImageInput, ItmReranker
 from qformer.model import CrossKV
 from qformer.precision import resolve
-from qformer.retrieval import itc_similarity, recall_at_k, rerank_with_itm
+from qformer.recall import itc_similarity, recall_at_k, rerank_with_itm
 from qformer.workers import lower_priority
 
 
@@ -39,9 +40,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> Tensor:
         try:
-            with Image.open(self.paths[i]) as im:
-                return self.transform(im)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return self.transform(load_image(self.paths[i]))
+        except BadImage as e:
             raise ImageReadError(f"cannot read image {self.paths[i]}: {e}") from e
 
 
