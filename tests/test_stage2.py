@@ -288,6 +288,74 @@ def test_generate_respects_lengths(kind):
     assert all(isinstance(c, str) and c == c.strip() for c in caps)
 
 
+def craft_logits(model: Blip2LLM, scores_at) -> tuple:
+    """Replace the LLM's next-token logits with crafted ones: at generation step j every position's logits
+    are 0 except {token: score} of scores_at(j). Returns (hook handle, list of the steps run: clear it before
+    each generation)."""
+    steps: list[int] = []
+
+    def hook(module, args, out):
+        crafted = torch.zeros_like(out)
+        for token, score in scores_at(len(steps)).items():
+            crafted[..., token] = score
+        steps.append(len(steps))
+        return crafted
+
+    return model.llm.lm_head.register_forward_hook(hook), steps
+
+
+def has_repeated_ngram(seq: list[int], n: int) -> bool:
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_generation_stops_at_eos(kind):
+    model = tiny_model(kind).eval()
+    eos, dog = model.eos_token_id, model.tokenizer.convert_tokens_to_ids("dog")
+    # "dog" four times, then EOS; after it every other token is far below EOS, so that no beam outscores the
+    # finished caption even under length normalisation (which favours longer beams on flat crafted logits)
+    handle, steps = craft_logits(model, lambda j: {dog: 5.0, eos: -10.0} if j < 4 else {dog: -10.0, eos: 10.0})
+    try:
+        greedy = generate_llm_token_ids(model, fake_images(3), num_beams=1, max_length=9, min_length=2)
+        assert len(steps) == 5  # generation ended at the step that chose EOS
+        steps.clear()  # the crafted step count starts again for the next generation
+        beams = generate_llm_token_ids(model, fake_images(3), num_beams=3, max_length=9, min_length=2)
+    finally:
+        handle.remove()
+    assert greedy == beams == [[dog] * 4] * 3  # the tokens before EOS, EOS itself removed
+
+
+def test_no_repeat_ngram_guard_on_crafted_logits():
+    """Crafted logits that loop over three words ("a dog runs a dog runs ..."), a fresh fallback token second
+    best at each step: the guard (n = 3) takes the fallback exactly where the loop would repeat a 3-gram."""
+    model = tiny_model("llama").eval()
+    cycle = [model.tokenizer.convert_tokens_to_ids(w) for w in ("a", "dog", "runs")]
+    fresh = [t for t in range(4, model.llm.config.vocab_size) if t not in cycle]  # one per step, never repeated
+    length, n = 10, 3
+    handle, steps = craft_logits(model, lambda j: {cycle[j % 3]: 10.0, fresh[j]: 5.0})
+    try:
+        def run(num_beams: int, guard: int) -> list[list[int]]:
+            steps.clear()
+            return generate_llm_token_ids(model, fake_images(2), num_beams=num_beams, max_length=length,
+                                          min_length=1, no_repeat_ngram_size=guard)
+
+        unguarded, guarded, guarded_beams = run(1, 0), run(1, n), run(3, n)
+    finally:
+        handle.remove()
+    loop = [cycle[j % 3] for j in range(length)]
+    assert unguarded == [loop, loop] and has_repeated_ngram(loop, n)
+    expected: list[int] = []  # the rule written out: the loop's word unless it would complete a seen 3-gram
+    for j in range(length):
+        seen = {tuple(expected[i : i + n]) for i in range(len(expected) - n + 1)}
+        word = cycle[j % 3]
+        expected.append(fresh[j] if tuple([*expected[-(n - 1):], word]) in seen else word)
+    assert expected != loop and guarded == [expected, expected]
+    assert all(len(row) == length and not has_repeated_ngram(row, n) for row in guarded_beams)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        generate_llm_token_ids(model, fake_images(1), no_repeat_ngram_size=-1)
+
+
 def test_wrong_llm_for_a_checkpoint_is_a_clear_error(tmp_path):
     from qformer.checkpoints import CheckpointError
 
