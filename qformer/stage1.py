@@ -236,6 +236,7 @@ class Stage1:
                              "--itm-negatives or --lock-text)")
         self.cfg = cfg
         self.text_lr_scale = cfg.text_lr_scale
+        self.attn_lr_scale = cfg.attn_lr_scale
         self.by_image = cfg.lock_text  # batches of images with all their captions
 
     def load(self, resume_dir: Path | None, device: torch.device) -> Blip2Retriever:

@@ -77,12 +77,13 @@ class Stage2:
     name = "stage 2"
     generator_on_device = False  # prefix-LM split points are drawn per caption on the host
     text_lr_scale = 1.0  # stage 2 has no language-model-initialised text path of its own
+    attn_lr_scale = -1.0
     by_image = False
 
     def __init__(self, cfg: TrainConfig):
-        if (cfg.lock_text or cfg.objectives != "itc+itm+itg" or cfg.text_lr_scale != 1.0 or cfg.itm_negatives
+        if (cfg.lock_text or cfg.objectives != "itc+itm+itg" or cfg.text_lr_scale != 1.0 or cfg.attn_lr_scale >= 0 or cfg.itm_negatives
                 or cfg.itm_uniform):
-            raise ValueError("--lock-text, --objectives, --text-lr-scale, --itm-negatives and --itm-uniform are "
+            raise ValueError("--lock-text, --objectives, --text-lr-scale, --attn-lr-scale, --itm-negatives and --itm-uniform are "
                              "stage-1 options")
         if cfg.eval_split:
             raise ValueError("--eval-split is a stage-1 option (stage 2: qsearch bench captions)")

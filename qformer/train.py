@@ -96,6 +96,7 @@ class TrainConfig:
     itm_negatives: int = 0  # K > 0: ITM negatives mined once with the starting model over the whole train set, one of the K hardest per pair and per image each epoch, instead of in-batch sampling
     itm_uniform: float = 0.0  # share of the in-batch ITM negatives drawn uniformly among the non-positives instead of by ITC similarity (0: all hard, as BLIP-2); easy negatives let ITM start learning when a warm-started ITC makes every batch negative hard
     text_lr_scale: float = 1.0  # lr multiplier for the language-model-initialised text path (embeddings, self-attention, text FFNs); 1: one lr, as BLIP-2
+    attn_lr_scale: float = -1.0  # lr multiplier for the self-attention that queries and text share, ITM's only query-text path (< 0: --text-lr-scale's)
     eval_split: str = ""  # held-out split to evaluate on, e.g. dev ('': no evaluation)
     eval_dataset: str = ""  # its dataset ('': --dataset)
     eval_data_root: str = ""  # its data root ('': --data-root), e.g. another manifest or shard directory
@@ -158,16 +159,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(qformer: nn.Module, cfg: Any, text_lr_scale: float = 1.0) -> torch.optim.AdamW:
+def make_optimizer(qformer: nn.Module, cfg: Any, text_lr_scale: float = 1.0,
+                   attn_lr_scale: float = -1.0) -> torch.optim.AdamW:
     """AdamW; like LAVIS, no weight decay on biases, LayerNorms and the temperature (params with ndim < 2).
     Each group's "lr_scale" multiplies the scheduled lr: text_lr_scale for the text path (TEXT_PATH: the
-    embeddings, the self-attention that queries and text share, the text FFNs), 1 for the rest."""
+    embeddings, the self-attention that queries and text share, the text FFNs), 1 for the rest;
+    attn_lr_scale >= 0 sets the shared self-attention's own scale."""
     named = [(n, p) for n, p in qformer.named_parameters() if p.requires_grad]
-    if text_lr_scale == 1.0:
+    attn_scale = text_lr_scale if attn_lr_scale < 0 else attn_lr_scale
+    if text_lr_scale == 1.0 and attn_scale == 1.0:
         parts = [([p for _, p in named], 1.0)]  # one lr: two groups, as in checkpoints from before the option
     else:
-        text = {n for n, _ in named if any(k in f".{n}" for k in TEXT_PATH)}
-        parts = [([p for n, p in named if n not in text], 1.0), ([p for n, p in named if n in text], text_lr_scale)]
+        def scale_of(name: str) -> float:
+            if ".attn." in f".{name}":
+                return attn_scale
+            return text_lr_scale if any(k in f".{name}" for k in TEXT_PATH) else 1.0
+        scales = sorted({scale_of(n) for n, _ in named} | {1.0}, reverse=True)
+        parts = [([p for n, p in named if scale_of(n) == s], s) for s in scales]
     groups = []
     for params, scale in parts:
         groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
@@ -340,10 +348,13 @@ def restore_train_state(resume_dir: Path | None, optimizer: torch.optim.Optimize
     if resume_dir is None:
         return 0
     state = load_train_state(resume_dir)
-    saved_scale, scale = state["config"].get("text_lr_scale", 1.0), getattr(cfg, "text_lr_scale", 1.0)
-    if saved_scale != scale:  # the optimizer's groups differ; the saved ones would win silently
-        raise ValueError(f"{resume_dir} was trained with --text-lr-scale {saved_scale}, not {scale}: resume with "
-                         f"--text-lr-scale {saved_scale}, or start a new --out-dir")
+    for key in ("text_lr_scale", "attn_lr_scale"):  # the optimizer's groups differ; the saved ones would win silently
+        default = 1.0 if key == "text_lr_scale" else -1.0
+        saved_scale, scale = state["config"].get(key, default), getattr(cfg, key, default)
+        if saved_scale != scale:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{resume_dir} was trained with {flag} {saved_scale}, not {scale}: resume with "
+                             f"{flag} {saved_scale}, or start a new --out-dir")
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
@@ -381,7 +392,7 @@ def _train(cfg: TrainConfig, pairs: CaptionPairs | None, rank: int, world_size: 
     resume_dir = resolve_resume(cfg)
     model = stage.load(resume_dir, device)
     trainable = stage.trainable(model)
-    optimizer = make_optimizer(trainable, cfg, stage.text_lr_scale)
+    optimizer = make_optimizer(trainable, cfg, stage.text_lr_scale, stage.attn_lr_scale)
     use_amp, amp_dtype, scaler = mixed_precision(cfg.precision, device)
     logger.info("%s, precision: %s", stage.name, f"{amp_dtype} autocast on {device.type}" if use_amp else "fp32")
     start_step = restore_train_state(resume_dir, optimizer, scaler, cfg)

@@ -416,6 +416,27 @@ def test_text_lr_scale_scales_only_the_language_model_initialised_text_path(tmp_
                          resume="latest"))
 
 
+@needs_data
+def test_attn_lr_scale_gives_the_shared_self_attention_its_own_lr(tmp_path, small_dir, cache_dir):
+    """--text-lr-scale 0 --attn-lr-scale 1 keeps the embeddings and text FFNs where they started while the
+    self-attention that queries and text share trains at the full lr; resuming without the option is refused."""
+    train(run_config(tmp_path, small_dir, cache_dir, max_steps=3, checkpoint_every=3, text_lr_scale=0.0,
+                     attn_lr_scale=1.0))
+    start = load_file(str(Path(small_dir) / "qformer.safetensors"))
+    ckpt = list_checkpoints(tmp_path)[-1]
+    end = load_file(str(ckpt / "qformer.safetensors"))
+    frozen = [k for k in start if k.startswith("embeddings.") or ".ffn_text." in k]
+    attn = [k for k in start if ".attn." in f".{k}"]
+    assert frozen and attn
+    assert all(torch.equal(start[k], end[k]) for k in frozen)
+    assert all(not torch.equal(start[k], end[k]) for k in attn if k.endswith("weight") and start[k].ndim == 2)
+    groups = load_train_state(ckpt)["optimizer"]["param_groups"]
+    assert sorted(g["lr_scale"] for g in groups) == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="--attn-lr-scale 1.0"):
+        train(run_config(tmp_path, small_dir, cache_dir, max_steps=6, checkpoint_every=3, text_lr_scale=0.0,
+                         resume="latest"))
+
+
 def locked_itc_loss(model: Blip2Retriever, pairs, cache_dir: Path) -> float:
     """The locked-text ITC loss of every image against every caption, in eval mode."""
     from qformer.stage1 import LockedTextITC, text_cls_states
