@@ -271,8 +271,9 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     rows = {k: v for k, v in res.items() if k in ("itc", "itc+itm")}
     out = {"model": model.name, "dataset": args.dataset, "split": args.split, "root": str(args.root),
            "device": str(model.device), **res}
+    took = ", ".join(f"{stage} {sec:.1f} s" for stage, sec in res["seconds"].items())
     print(f"{args.dataset} {args.split}: {res['n_images']} images, {res['n_texts']} texts, "
-          f"model {model.name}, k_test {args.k_test}, {res['seconds']}")
+          f"model {model.name}, k_test {args.k_test} ({took})")
     print(format_table(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
