@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # Reproduce the offline models `blip2-tiny` and `blip2-tiny-llm` (qformer/weights/blip2-tiny/MODEL_CARD.md).
 # Every phase resumes where it stopped: re-run the script after a kill or at a new sitting.
-#   1. stage 1, locked-text warm-up: the text path frozen, its [CLS] states computed once; ITC alone trains what
-#      sees the image, on batches of images carrying all their captions, over CACHE_VIEWS cached views;
-#   2. stage 1, ITC + ITM + ITG from the warm-up, the text path at TEXT_LR_SCALE times the lr; ITM on in-batch
-#      negatives, the share ITM_UNIFORM of them uniformly random (the warm ITC makes every hard negative so hard
-#      that ITM otherwise stays at "always no"), or with ITM_NEGATIVES=K on negatives mined over the train set;
+#   0. stage 1, ITC + ITM + ITG from the untrained INIT on 4 cached views, one lr (BLIP-2's recipe); exported
+#      int8+fp16. It teaches ITM to compare queries with text (a warm-up from INIT itself leaves ITM at
+#      "always no match" for over a thousand steps) and trains the text path for ITC;
+#   1. locked-text warm-up from phase 0: the text path frozen, its [CLS] states computed once; ITC alone trains
+#      what sees the image, on batches of images carrying all their captions, over CACHE_VIEWS cached views;
+#   2. ITC + ITM + ITG from the warm-up: the embeddings and text FFNs at TEXT_LR_SCALE times the lr, the
+#      self-attention that queries and text share (ITM's only query-text path) at ATTN_LR_SCALE times; ITM on
+#      in-batch negatives, the share ITM_UNIFORM of them uniformly random, or with ITM_NEGATIVES=K on negatives
+#      mined over the train set;
 #   3. export int8+fp16 as blip2-tiny; dev recall;
 #   4. stage 2 (blip2-tiny's query path -> frozen SmolLM2-135M); export; dev BLEU-4 / CIDEr.
 #   bash scripts/train_blip2_tiny.sh
 #   DEVICE=cuda STAGE1_STEPS=6000 bash scripts/train_blip2_tiny.sh   (longer, on a GPU)
 set -euo pipefail
 F8K=${F8K:-../shared/data/flickr8k}
-RUN=${RUN:-runs/v8}
+RUN=${RUN:-runs/v8b}
 BIN=${BIN:-.venv/bin}
 DEVICE=${DEVICE:-auto}
 INIT=${INIT:-blip2-tiny-init}  # the untrained starting point; its frozen tower: Lite0, or Lite2 with -lite2
 CACHE_VIEWS=${CACHE_VIEWS:-8}  # cached views per image: the plain one + augmented crops and flips
+STAGE0_STEPS=${STAGE0_STEPS:-2000}  # 2.1 epochs of 32-pair batches
 WARMUP_STEPS=${WARMUP_STEPS:-230}  # 10 epochs of 256-image batches
-STAGE1_STEPS=${STAGE1_STEPS:-3000}  # 3.2 epochs of 32-pair batches
-STAGE1_LR=${STAGE1_LR:-2e-4}
+STAGE1_STEPS=${STAGE1_STEPS:-1200}  # 1.28 epochs of 32-pair batches
+STAGE1_LR=${STAGE1_LR:-3e-4}
 TEXT_LR_SCALE=${TEXT_LR_SCALE:-0.1}
+ATTN_LR_SCALE=${ATTN_LR_SCALE:-1.0}
 ITM_UNIFORM=${ITM_UNIFORM:-0.5}
 ITM_NEGATIVES=${ITM_NEGATIVES:-0}
 STAGE2_STEPS=${STAGE2_STEPS:-200}
@@ -31,11 +37,18 @@ itm=(--itm-uniform "$ITM_UNIFORM")
 if [ "$ITM_NEGATIVES" -gt 0 ]; then itm=(--itm-negatives "$ITM_NEGATIVES"); fi
 step() { printf '%s/checkpoints/step_%07d' "$1" "$2"; }
 
-"$BIN/python" -m qformer.train "${common[@]}" --model "$INIT" --lock-text --objectives itc --cache-views "$CACHE_VIEWS" \
+"$BIN/python" -m qformer.train "${common[@]}" --model "$INIT" --cache-views 4 --batch-size 32 \
+  --max-steps "$STAGE0_STEPS" --warmup-steps 50 --lr 5e-4 --min-lr 1e-5 --checkpoint-every 50 --out-dir "$RUN/stage0"
+[ -f "$RUN/stage0_compact/qsearch.json" ] || "$BIN/python" - "$(step "$RUN/stage0" "$STAGE0_STEPS")" "$RUN/stage0_compact" <<'PY'
+import sys
+from qformer.factory import create_model
+print("wrote", create_model(sys.argv[1]).save_pretrained(sys.argv[2], compact=True))
+PY
+"$BIN/python" -m qformer.train "${common[@]}" --model "$RUN/stage0_compact" --lock-text --objectives itc --cache-views "$CACHE_VIEWS" \
   --batch-size 256 --max-steps "$WARMUP_STEPS" --warmup-steps 10 --lr 1e-3 --min-lr 1e-5 --log-every 5 \
   --checkpoint-every 23 --out-dir "$RUN/warmup"
 "$BIN/python" -m qformer.train "${common[@]}" --model "$(step "$RUN/warmup" "$WARMUP_STEPS")" \
-  --cache-views "$CACHE_VIEWS" "${itm[@]}" --text-lr-scale "$TEXT_LR_SCALE" --batch-size 32 \
+  --cache-views "$CACHE_VIEWS" "${itm[@]}" --text-lr-scale "$TEXT_LR_SCALE" --attn-lr-scale "$ATTN_LR_SCALE" --batch-size 32 \
   --max-steps "$STAGE1_STEPS" --warmup-steps 50 --lr "$STAGE1_LR" --min-lr 1e-5 --log-every 10 --checkpoint-every 50 \
   --eval-split dev --eval-k-test 16 --eval-max-images 200 --eval-every-epochs 0.5 --out-dir "$RUN/stage1"
 "$BIN/python" - "$(step "$RUN/stage1" "$STAGE1_STEPS")" <<'PY'
