@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the offline models `blip2-tiny` and `blip2-tiny-llm` (qformer/weights/blip2-tiny/MODEL_CARD.md).
+# Train the offline models `blip2-tiny` and `blip2-tiny-llm` (qformer/weights/blip2-tiny/MODEL_CARD.md) into
+# $RUN/blip2-tiny and $RUN/blip2-tiny-llm; ship one by copying it over qformer/weights/<name>/ once it measures better.
 # Every phase resumes where it stopped: re-run the script after a kill or at a new sitting.
 #   0. stage 1, ITC + ITM + ITG from the untrained INIT on 4 cached views, one lr (BLIP-2's recipe); exported
 #      int8+fp16. It teaches ITM to compare queries with text (a warm-up from INIT itself leaves ITM at
@@ -10,8 +11,8 @@
 #      self-attention that queries and text share (ITM's only query-text path) at ATTN_LR_SCALE times; ITM on
 #      in-batch negatives, the share ITM_UNIFORM of them uniformly random, or with ITM_NEGATIVES=K on negatives
 #      mined over the train set;
-#   3. export int8+fp16 as blip2-tiny; dev recall;
-#   4. stage 2 (blip2-tiny's query path -> frozen SmolLM2-135M); export; dev BLEU-4 / CIDEr.
+#   3. export int8+fp16 to $RUN/blip2-tiny; dev recall;
+#   4. stage 2 ($RUN/blip2-tiny's query path -> frozen SmolLM2-135M); export; dev BLEU-4 / CIDEr.
 #   bash scripts/train_blip2_tiny.sh
 #   DEVICE=cuda STAGE1_STEPS=6000 bash scripts/train_blip2_tiny.sh   (longer, on a GPU)
 set -euo pipefail
@@ -51,28 +52,26 @@ PY
   --cache-views "$CACHE_VIEWS" "${itm[@]}" --text-lr-scale "$TEXT_LR_SCALE" --attn-lr-scale "$ATTN_LR_SCALE" --batch-size 32 \
   --max-steps "$STAGE1_STEPS" --warmup-steps 50 --lr "$STAGE1_LR" --min-lr 1e-5 --log-every 10 --checkpoint-every 50 \
   --eval-split dev --eval-k-test 16 --eval-max-images 200 --eval-every-epochs 0.5 --out-dir "$RUN/stage1"
-"$BIN/python" - "$(step "$RUN/stage1" "$STAGE1_STEPS")" <<'PY'
+"$BIN/python" - "$(step "$RUN/stage1" "$STAGE1_STEPS")" "$RUN/blip2-tiny" <<'PY'
 import sys
-from qformer.factory import WEIGHTS_DIR, create_model
+from qformer.factory import create_model
 model = create_model(sys.argv[1])
 model.name = "blip2-tiny"
-print("wrote", model.save_pretrained(WEIGHTS_DIR / "blip2-tiny", compact=True))
+print("wrote", model.save_pretrained(sys.argv[2], compact=True))
 PY
-mkdir -p docs/results
-"$BIN/qsearch" bench retrieval --dataset flickr8k --root "$F8K" --split dev --model blip2-tiny --k-test "$K_TEST" \
-  --device "$DEVICE" --out docs/results/blip2-tiny-dev.json
-"$BIN/python" -m qformer.train --stage 2 "${common[@]}" --model blip2-tiny --llm smollm2 \
+"$BIN/qsearch" bench retrieval --dataset flickr8k --root "$F8K" --split dev --model "$RUN/blip2-tiny" --k-test "$K_TEST" \
+  --device "$DEVICE" --out "$RUN/blip2-tiny-dev.json"
+"$BIN/python" -m qformer.train --stage 2 "${common[@]}" --model "$RUN/blip2-tiny" --llm smollm2 \
   --batch-size 32 --max-steps "$STAGE2_STEPS" --warmup-steps 20 --lr 1e-4 --min-lr 1e-5 \
   --checkpoint-every 25 --log-every 5 --out-dir "$RUN/stage2"
-"$BIN/python" - "$(step "$RUN/stage2" "$STAGE2_STEPS")" <<'PY'
+"$BIN/python" - "$(step "$RUN/stage2" "$STAGE2_STEPS")" "$RUN/blip2-tiny-llm" <<'PY'
 import sys
 from qformer.blip2_llm import Blip2LLM
-from qformer.factory import WEIGHTS_DIR
 model = Blip2LLM.from_pretrained(sys.argv[1])
 model.name = "blip2-tiny-llm"
-print("wrote", model.save_pretrained(WEIGHTS_DIR / "blip2-tiny-llm", compact=True))
+print("wrote", model.save_pretrained(sys.argv[2], compact=True))
 PY
-for kind_model in itg:blip2-tiny llm:blip2-tiny-llm; do
+for kind_model in itg:"$RUN/blip2-tiny" llm:"$RUN/blip2-tiny-llm"; do
   "$BIN/qsearch" bench captions --dataset flickr8k --root "$F8K" --split dev --model "${kind_model#*:}" \
-    --device "$DEVICE" --quiet --out "docs/results/captions_${kind_model%%:*}_dev.json"
+    --device "$DEVICE" --quiet --out "$RUN/captions_${kind_model%%:*}_dev.json"
 done

@@ -294,8 +294,10 @@ def cmd_bench_captions(args: argparse.Namespace) -> int:
                                min_length=args.min_length, prompt=args.prompt, no_repeat_ngram_size=args.no_repeat_ngram)
     res = evaluate_captioner(captioner, data, batch_size=args.batch_size, num_workers=args.workers,
                              progress=not args.quiet)
+    names = {"num_beams": "beam", "max_length": "max", "min_length": "min", "no_repeat_ngram_size": "no-repeat"}
+    settings = ", ".join(f"{names.get(k, k)} {v}" for k, v in captioner.settings.items())
     print(f"{args.dataset} {args.split}: {res['n_images']} images, {captioner.kind} captioner of {captioner.name} "
-          f"{captioner.settings}: BLEU-4 {res['bleu4']:.2f}  CIDEr {res['cider']:.2f}  degenerate "
+          f"({settings}): BLEU-4 {res['bleu4']:.2f}  CIDEr {res['cider']:.2f}  degenerate "
           f"{res['degenerate']}/{res['n_images']}  distinct {res['distinct']}  ({res['seconds']} s)")
     if args.out:
         out = {"dataset": args.dataset, "split": args.split, "root": str(args.root), **res}
