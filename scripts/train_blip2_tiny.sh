@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the offline models `blip2-tiny` and `blip2-tiny-llm` (qformer/weights/blip2-tiny/MODEL_CARD.md) into
 # $RUN/blip2-tiny and $RUN/blip2-tiny-llm; ship one by copying it over qformer/weights/<name>/ once it measures better.
-# Every phase resumes where it stopped: re-run the script after a kill or at a new sitting.
+# Every phase resumes where it stopped: re-run the script after a kill or on a new day.
 #   0. stage 1, ITC + ITM + ITG from the untrained INIT on 4 cached views, one lr (BLIP-2's recipe); exported
 #      int8+fp16. It teaches ITM to compare queries with text (a warm-up from INIT itself leaves ITM at
 #      "always no match" for over a thousand steps) and trains the text path for ITC;
@@ -37,14 +37,19 @@ common=(--data-root "$F8K" --split train --device "$DEVICE" --seed 0 --cache-dir
 itm=(--itm-uniform "$ITM_UNIFORM")
 if [ "$ITM_NEGATIVES" -gt 0 ]; then itm=(--itm-negatives "$ITM_NEGATIVES"); fi
 step() { printf '%s/checkpoints/step_%07d' "$1" "$2"; }
+compact() {  # compact CHECKPOINT DIR [NAME]: the stage-1 checkpoint as an int8+fp16 model directory
+  "$BIN/python" - "$@" <<'PY'
+import sys
+from qformer.factory import create_model
+model = create_model(sys.argv[1])
+model.name = sys.argv[3] if len(sys.argv) > 3 else model.name
+print("wrote", model.save_pretrained(sys.argv[2], compact=True))
+PY
+}
 
 "$BIN/python" -m qformer.train "${common[@]}" --model "$INIT" --cache-views 4 --batch-size 32 \
   --max-steps "$STAGE0_STEPS" --warmup-steps 50 --lr 5e-4 --min-lr 1e-5 --checkpoint-every 50 --out-dir "$RUN/stage0"
-[ -f "$RUN/stage0_compact/qsearch.json" ] || "$BIN/python" - "$(step "$RUN/stage0" "$STAGE0_STEPS")" "$RUN/stage0_compact" <<'PY'
-import sys
-from qformer.factory import create_model
-print("wrote", create_model(sys.argv[1]).save_pretrained(sys.argv[2], compact=True))
-PY
+compact "$(step "$RUN/stage0" "$STAGE0_STEPS")" "$RUN/stage0_compact"
 "$BIN/python" -m qformer.train "${common[@]}" --model "$RUN/stage0_compact" --lock-text --objectives itc --cache-views "$CACHE_VIEWS" \
   --batch-size 256 --max-steps "$WARMUP_STEPS" --warmup-steps 10 --lr 1e-3 --min-lr 1e-5 --log-every 5 \
   --checkpoint-every 23 --out-dir "$RUN/warmup"
@@ -52,13 +57,7 @@ PY
   --cache-views "$CACHE_VIEWS" "${itm[@]}" --text-lr-scale "$TEXT_LR_SCALE" --attn-lr-scale "$ATTN_LR_SCALE" --batch-size 32 \
   --max-steps "$STAGE1_STEPS" --warmup-steps 50 --lr "$STAGE1_LR" --min-lr 1e-5 --log-every 10 --checkpoint-every 50 \
   --eval-split dev --eval-k-test 16 --eval-max-images 200 --eval-every-epochs 0.5 --out-dir "$RUN/stage1"
-"$BIN/python" - "$(step "$RUN/stage1" "$STAGE1_STEPS")" "$RUN/blip2-tiny" <<'PY'
-import sys
-from qformer.factory import create_model
-model = create_model(sys.argv[1])
-model.name = "blip2-tiny"
-print("wrote", model.save_pretrained(sys.argv[2], compact=True))
-PY
+compact "$(step "$RUN/stage1" "$STAGE1_STEPS")" "$RUN/blip2-tiny" blip2-tiny
 "$BIN/qsearch" bench retrieval --dataset flickr8k --root "$F8K" --split dev --model "$RUN/blip2-tiny" --k-test "$K_TEST" \
   --device "$DEVICE" --out "$RUN/blip2-tiny-dev.json"
 "$BIN/python" -m qformer.train --stage 2 "${common[@]}" --model "$RUN/blip2-tiny" --llm smollm2 \
