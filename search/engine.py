@@ -98,12 +98,11 @@ class Searcher:
     # ---- embeddings -------------------------------------------------------------------------------------
     def embed_text(self, text: str) -> torch.Tensor:
         """A query text's ITC embedding [D] float32 (QueryError when empty or too long)."""
-        text = " ".join((text or "").split())
-        if not text:
-            raise QueryError("empty query: give some words or an image")
-        if len(text) > MAX_QUERY_CHARS:
-            raise QueryError(f"query too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
-        return self.model.embed_texts([text])[0].float().cpu()  # [D]
+        return self.embed_texts([text])[0]
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Query texts' ITC embeddings [B,D] float32, in one pass (QueryError when one is empty or too long)."""
+        return self.model.embed_texts([_checked_text(t) for t in texts]).float().cpu()
 
     def embed_image(self, image: str | Path | bytes | Image.Image) -> tuple[torch.Tensor, torch.Tensor, Image.Image]:
         """Query image -> (query embeddings [Q,D], frozen tokens [1,N,C], decoded image); QueryError when
@@ -167,6 +166,49 @@ class Searcher:
         captions (reciprocal-rank fusion) before re-ranking. offset: skip this many results (paging).
         min_score: keep only the hits whose score is at least this (a relevance threshold).
         """
+        [result] = self.search_many([{"text": text, "image": image, "k": k, "rerank": rerank, "where": where,
+                                      "params": params, "expand": expand, "offset": offset, "hybrid": hybrid,
+                                      "min_score": min_score}])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def search_many(self, searches: Sequence[dict[str, Any]]) -> list[list[Hit] | Exception]:
+        """Several searches at once, each a dict of `search`'s keyword arguments; each result (or the error
+        that search alone raised) in order. Their texts are embedded in one pass, their unfiltered ITC scans
+        share one matrix product; ITM re-ranks each on its own."""
+        plans: list[_Plan | Exception] = []
+        for kw in searches:
+            try:
+                plans.append(self._plan(**kw))
+            except Exception as e:  # that search's own error (QueryError for bad input)
+                plans.append(e)
+        texts = [p for p in plans if isinstance(p, _Plan) and p.text is not None]
+        if texts:
+            embeds = self.embed_texts([p.text for p in texts])  # [B,D]
+            for p, t in zip(texts, embeds, strict=True):
+                p.t = t
+        scan = [p for p in texts if p.allowed is None]  # one first-stage pass for the unfiltered ones
+        if scan:
+            depth = max(p.depth for p in scan)
+            for p, (ids, _) in zip(scan, self.first_stage.top(torch.stack([p.t for p in scan]), depth), strict=True):
+                p.dense = ids[: p.depth]
+        for i, p in enumerate(plans):
+            if isinstance(p, _Plan):
+                try:
+                    self._candidates(p)
+                except Exception as e:
+                    plans[i] = e
+        for p in plans:  # ITM query by query: larger passes mixing queries' pairs were not faster (benchmarks.md)
+            if isinstance(p, _Plan) and p.t is not None and p.rerank > 0 and len(p.ids):
+                p.itm = self.itm_logits(p.text, p.ids[: p.rerank])
+        return [p if isinstance(p, Exception) else self._hits(p) for p in plans]
+
+    def _plan(self, text: str | None = None, image: str | Path | bytes | Image.Image | None = None, k: int = 10,
+              rerank: int = 128, where: str | None = None, params: Sequence[Any] | None = None,
+              expand: bool = False, offset: int = 0, hybrid: bool = False,
+              min_score: float | None = None) -> _Plan:
+        """A search's checked input, its filter, and its query image's embeddings (and caption, with expand)."""
         if k <= 0:
             raise QueryError("k must be positive")
         if text is not None and not text.strip():
@@ -183,55 +225,60 @@ class Searcher:
 
                 caption = caption_images(self.model, [decoded])[0]
                 text = f"{text} {caption}" if text else caption
-        t = self.embed_text(text) if text is not None else None
+        if text is not None:
+            text = _checked_text(text)
+        depth = max(want, FUSION_DEPTH) if hybrid else want  # hybrid fuses both rankings at depth >= 128
+        return _Plan(text, q_img, allowed, k, rerank, offset, hybrid and q_img is None, hybrid, min_score, want, depth)
 
-        # candidates: ITC for text, MaxSim for images (pooled query embedding for the FAISS pass)
+    def _candidates(self, p: _Plan) -> None:
+        """p.ids and their ITC / image-similarity scores: ITC for text, MaxSim for images (the pooled query
+        embedding for the first stage), best `want` kept."""
         cand: dict[int, None] = {}
-        if t is not None:
-            if hybrid:  # fuse both rankings at depth >= 128, keep the best `want`
-                depth = max(want, FUSION_DEPTH)
-                dense = self._fuse_with_bm25(self._itc_top(t, depth, allowed), text, depth, allowed)[:want]
-            else:
-                dense = self._itc_top(t, want, allowed)
-            cand.update(dict.fromkeys(dense.tolist()))
-        if q_img is not None:
-            pooled = torch.nn.functional.normalize(q_img.mean(0), dim=0)
-            cand.update(dict.fromkeys(self._itc_top(pooled, want, allowed).tolist()))
+        if p.t is not None:
+            dense = p.dense if p.dense is not None else self._itc_top(p.t, p.depth, p.allowed)
+            if p.hybrid:
+                dense = self._fuse_with_bm25(dense, p.text, p.depth, p.allowed)
+            cand.update(dict.fromkeys(dense[: p.want].tolist()))
+        if p.q_img is not None:
+            pooled = torch.nn.functional.normalize(p.q_img.mean(0), dim=0)
+            cand.update(dict.fromkeys(self._itc_top(pooled, p.want, p.allowed).tolist()))
         ids = np.fromiter(cand, np.int64, len(cand))
-        if len(ids) == 0:
-            return []
-        itc = self.first_stage.exact_scores(t, ids)[0] if t is not None else None
-        sim = self._image_sim(q_img, ids) if q_img is not None else None
+        itc = self.first_stage.exact_scores(p.t, ids)[0] if p.t is not None else None
+        sim = self._image_sim(p.q_img, ids) if p.q_img is not None and len(ids) else None
         base = (itc if itc is not None else 0.0) + (sim if sim is not None else 0.0)
-        fused = hybrid and t is not None and q_img is None
-        if fused:  # keep the fused candidate order (it decides the re-ranking pool and the tail's order)
-            ids, itc, sim, base = ids[:want], itc[:want], None, base[:want]
+        if p.fused:  # keep the fused candidate order (it decides the re-ranking pool and the tail's order)
+            p.ids, p.itc, p.sim, p.base = ids, itc, None, base
         else:
-            ids, itc, sim, base = _top(ids, base, want, itc, sim)
+            p.ids, p.itc, p.sim, p.base = _top(ids, base, p.want, itc, sim) if len(ids) else (ids, itc, sim, base)
+
+    def _hits(self, p: _Plan) -> list[Hit]:
+        """The page of hits: re-ranked ones first by itm + itc (+ image similarity), the rest in ITC order."""
+        if len(p.ids) == 0:
+            return []
+        ids, itc, sim, base = p.ids, p.itc, p.sim, np.asarray(p.base, np.float32)
         itm = None
-        if t is not None and rerank > 0:
-            n = min(rerank, len(ids))
+        if p.itm is not None:
+            n = len(p.itm)
             itm = np.full(len(ids), np.nan, np.float32)
-            itm[:n] = self.itm_logits(text, ids[:n])
-            # re-ranked ones come first, by itm + itc (+ image similarity); the rest keep their ITC order
+            itm[:n] = p.itm
             score = base.copy()
             score[:n] = itm[:n] + base[:n]
             order = np.concatenate([np.argsort(-score[:n], kind="stable"), np.arange(n, len(ids))])
         else:
             score = base
-            order = np.arange(len(ids)) if fused else np.argsort(-score, kind="stable")
-        order = order[offset : offset + k]
+            order = np.arange(len(ids)) if p.fused else np.argsort(-score, kind="stable")
+        order = order[p.offset : p.offset + p.k]
         rows = self.index.rows(ids[order]).to_pylist()
         hits = []
         for r, (i, row) in enumerate(zip(order, rows, strict=True)):
             hits.append(Hit(
-                rank=offset + r + 1, image_id=int(ids[i]), path=row["path"], score=float(score[i]),
+                rank=p.offset + r + 1, image_id=int(ids[i]), path=row["path"], score=float(score[i]),
                 itc=None if itc is None else float(itc[i]),
                 itm=None if itm is None or np.isnan(itm[i]) else float(itm[i]),
                 image_sim=None if sim is None else float(sim[i]), caption=row.get("caption"),
                 metadata={c: v for c, v in row.items() if c not in ("image_id", "path", "caption", "shard", "row")},
             ))
-        return hits if min_score is None else [h for h in hits if h.score >= min_score]
+        return hits if p.min_score is None else [h for h in hits if h.score >= p.min_score]
 
     def _fuse_with_bm25(self, dense: np.ndarray, text: str, n: int, allowed: np.ndarray | None) -> np.ndarray:
         """Reciprocal-rank fusion (k=60) of dense ITC ranks with BM25 ranks over the stored captions."""
@@ -306,6 +353,40 @@ def caption_fts(metadata: Any) -> Any:
     con.execute("CREATE TABLE caps AS SELECT image_id, caption FROM m WHERE length(trim(caption)) > 0")
     con.execute("PRAGMA create_fts_index('caps', 'image_id', 'caption')")
     return con
+
+
+@dataclass
+class _Plan:
+    """One search of `Searcher.search_many` on its way: its input, then its candidates and their scores."""
+
+    text: str | None
+    q_img: torch.Tensor | None  # the query image's embeddings [Q,D]
+    allowed: np.ndarray | None  # image ids the filter lets through (None: no filter)
+    k: int
+    rerank: int
+    offset: int
+    fused: bool  # hybrid text search: the fused order is kept
+    hybrid: bool
+    min_score: float | None
+    want: int  # candidates kept: max(rerank, k + offset)
+    depth: int  # dense candidates asked of the first stage
+    t: torch.Tensor | None = None  # the text's ITC embedding [D]
+    dense: np.ndarray | None = None  # its first-stage candidates, when found in a shared pass
+    ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # candidates, best first
+    itc: np.ndarray | None = None
+    sim: np.ndarray | None = None
+    base: Any = 0.0  # itc (+ image similarity) per candidate
+    itm: np.ndarray | None = None  # ITM logits of the first min(rerank, len(ids)) candidates
+
+
+def _checked_text(text: str | None) -> str:
+    """Whitespace collapsed; QueryError when empty or too long."""
+    text = " ".join((text or "").split())
+    if not text:
+        raise QueryError("empty query: give some words or an image")
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"query too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
+    return text
 
 
 def _top(ids: np.ndarray, base: np.ndarray, n: int, *cols: np.ndarray | None):

@@ -5,6 +5,9 @@ Three ways, chosen from the index (`FirstStage.method`):
 - "scan": an exhaustive scan of the stored embeddings with torch (an exact, Flat, index on a CPU). By default
   it reads an fp16 copy held in memory, half the bytes of fp32, then re-scores in fp32 every image whose fp16
   score is within twice the rounding bound of the n-th best: the top n is the fp32 scan's, image for image.
+  A batch of `BATCH_SCAN_MIN` or more queries is scanned by one matrix product over a bf16 copy where the
+  CPU has native bf16 (the scan is memory-bound for one query, compute-bound for a batch), re-scored the
+  same way with bf16's rounding bound.
 - "faiss": FAISS, whose index holds the Q vectors of each image under its image id; it over-fetches vectors
   and keeps each image's first (best) hit, exactly that image's max-over-queries score (Flat on a GPU,
   IVF-Flat, HNSW-Flat).
@@ -23,10 +26,12 @@ import numpy as np
 import torch
 
 from indexer import Index
+from qformer.precision import cpu_bf16_native
 
 DEFAULT_RESCORE = 512  # approximate FAISS stage: candidate images re-scored exactly (scripts/bench_compression.py)
 SCAN_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-_UNIT_ROUNDOFF = {torch.float16: 2.0**-11}
+_UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+BATCH_SCAN_MIN = 3  # queries from which one bf16 matrix product beats fp16 matrix-vector products (benchmarks.md)
 
 Candidates = tuple[np.ndarray, np.ndarray]  # image ids [m] int64 and their ITC cosines [m] float32, best first
 
@@ -34,24 +39,32 @@ Candidates = tuple[np.ndarray, np.ndarray]  # image ids [m] int64 and their ITC 
 class FirstStage:
     """ITC candidates from an open index. method: "auto" (scan for a Flat index on a CPU, else FAISS, re-scored
     when its scores are approximate), "scan" or "faiss". scan_dtype: "fp16" (half the bytes, same top n) or
-    "fp32". rescore: candidates an approximate FAISS index proposes for exact re-scoring (0: keep its scores)."""
+    "fp32". batch_dtype: the scan copy for batches of `BATCH_SCAN_MIN` or more queries, "auto" (bf16 where
+    the CPU has native bf16, else scan_dtype), "bf16", "fp16" or "fp32". rescore: candidates an approximate
+    FAISS index proposes for exact re-scoring (0: keep its scores)."""
 
     def __init__(self, index: Index, device: str | torch.device = "cpu", rescore: int = DEFAULT_RESCORE,
-                 method: str = "auto", scan_dtype: str = "fp16"):
+                 method: str = "auto", scan_dtype: str = "fp16", batch_dtype: str = "auto"):
         if rescore < 0:
             raise ValueError("rescore must be >= 0")
         if method not in ("auto", "scan", "faiss"):
             raise ValueError(f"method must be auto, scan or faiss, not {method!r}")
         if scan_dtype not in SCAN_DTYPES:
             raise ValueError(f"scan_dtype must be one of {', '.join(SCAN_DTYPES)}, not {scan_dtype!r}")
+        if batch_dtype not in ("auto", "bf16", *SCAN_DTYPES):
+            raise ValueError(f"batch_dtype must be auto, bf16 or one of {', '.join(SCAN_DTYPES)}, not {batch_dtype!r}")
         self.index, self.rescore, self.scan_dtype = index, rescore, SCAN_DTYPES[scan_dtype]
+        if batch_dtype == "auto":
+            self.batch_dtype = torch.bfloat16 if cpu_bf16_native() and self.scan_dtype != torch.float32 else self.scan_dtype
+        else:
+            self.batch_dtype = torch.bfloat16 if batch_dtype == "bf16" else SCAN_DTYPES[batch_dtype]
         self.approximate = not faiss_scores_exact(index.faiss_index)
         if method == "auto":  # torch scans faster than FAISS's Flat on a CPU; FAISS serves ANN indexes and GPUs
             method = "scan" if is_flat(index.faiss_index) and torch.device(device).type == "cpu" else "faiss"
         if method == "faiss" and self.approximate and rescore > 0:
             method = "faiss+rescore"
         self.method = method
-        self._half: tuple[torch.Tensor, float] | None = None  # fp16 embeddings [n,Q,D], max vector norm
+        self._copies: dict[torch.dtype, tuple[torch.Tensor, float]] = {}  # dtype -> embeddings [n,Q,D], max norm
 
     def top(self, queries: np.ndarray | torch.Tensor, n: int, allowed: np.ndarray | None = None) -> list[Candidates]:
         """The best n images for each query vector: queries [B,D] (or one [D]) -> B (image ids, cosines), best
@@ -89,36 +102,43 @@ class FirstStage:
 
     def _scan_top(self, t: torch.Tensor, n: int) -> list[Candidates]:
         ids = self.index.image_ids()
-        if self.scan_dtype == torch.float32 or n >= len(ids):
+        dtype = self.batch_dtype if len(t) >= BATCH_SCAN_MIN else self.scan_dtype
+        if dtype == torch.float32 or n >= len(ids):
             return [top_images(ids, s, n) for s in self.scan_scores(t)]
-        half, norm = self.half_embeddings()
-        bound = self.rounding_bound(norm, half.shape[-1])
+        copy, norm = self.scan_copy(dtype)
+        flat = copy.view(-1, copy.shape[-1])  # [n*Q,D]
+        if dtype == torch.bfloat16:  # one matrix product for the batch: [n*Q,D] x [D,B]
+            approx = (flat @ t.to(dtype).T).view(len(ids), -1, len(t)).amax(1).T.float()  # [B,n]
+        else:  # one matrix-vector product per query (the fp16 matrix-matrix kernel is slower on CPUs)
+            approx = torch.stack([(flat @ q.to(dtype)).view(len(ids), -1).amax(1).float() for q in t])
+        bound = self.rounding_bound(norm, copy.shape[-1], dtype)
         out = []
-        for q in t:  # one matrix-vector product per query (the fp16 matrix-matrix kernel is slower on CPUs)
-            approx = (half.view(-1, half.shape[-1]) @ q.to(half.dtype)).view(len(ids), -1).amax(1).float()
-            nth = float(torch.topk(approx, n).values[-1]) if n > 0 else float("inf")
-            cand = torch.nonzero(approx >= nth - 2 * bound * float(q.norm())).flatten().numpy()  # ascending ids
+        for q, a in zip(t, approx, strict=True):
+            nth = float(torch.topk(a, n).values[-1]) if n > 0 else float("inf")
+            cand = torch.nonzero(a >= nth - 2 * bound * float(q.norm())).flatten().numpy()  # ascending ids
             out.append(top_images(ids[cand], self.exact_scores(q[None], ids[cand])[0], n))
         return out
 
-    def half_embeddings(self) -> tuple[torch.Tensor, float]:
-        """The fp16 copy of every image's embeddings [n,Q,D] (image_ids() order) and the largest stored vector
-        norm; built on first use."""
-        if self._half is None:
+    def scan_copy(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
+        """The low-precision copy (default: scan_dtype's) of every image's embeddings [n,Q,D] (image_ids()
+        order) and the largest stored vector norm; built on first use."""
+        dtype = dtype or self.scan_dtype
+        if dtype not in self._copies:
             n, q, d = len(self.index), self.index.manifest["num_queries"], self.index.manifest["embed_dim"]
-            half, norm = torch.empty((n, q, d), dtype=self.scan_dtype), 0.0
+            copy, norm = torch.empty((n, q, d), dtype=dtype), 0.0
             for sel, rows, emb in self.index.embedding_blocks():
                 part = emb if rows is None else emb[rows]
-                half[sel] = part.to(self.scan_dtype)
+                copy[sel] = part.to(dtype)
                 norm = max(norm, float(part.norm(dim=-1).max())) if len(part) else norm
-            self._half = (half, norm)
-        return self._half
+            self._copies[dtype] = (copy, norm)
+        return self._copies[dtype]
 
-    def rounding_bound(self, norm: float, dim: int) -> float:
-        """A bound on |fp16 scan score - fp32 scan score| per unit text norm: the fp16 rounding of the stored
-        vector, of the text and of the product (3u, u = 2^-11), and fp32 accumulation over `dim` terms in
-        both scans, for vectors of norm <= `norm` (Cauchy-Schwarz)."""
-        u = _UNIT_ROUNDOFF[self.scan_dtype]
+    def rounding_bound(self, norm: float, dim: int, dtype: torch.dtype | None = None) -> float:
+        """A bound on |low-precision scan score - fp32 scan score| per unit text norm: the rounding (unit
+        roundoff u: fp16 2^-11, bf16 2^-8; default dtype: scan_dtype's) of the stored vector, of the text and
+        of the product (3u), and fp32 accumulation over `dim` terms in both scans, for vectors of norm <=
+        `norm` (Cauchy-Schwarz)."""
+        u = _UNIT_ROUNDOFF[dtype or self.scan_dtype]
         return (3 * u + 2 * dim * 2.0**-24) * max(norm, 1.0) + 1e-7
 
 

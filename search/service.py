@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException
 from indexer.errors import IndexStoreError
 from indexer.store import gen_file, read_current
 from search.engine import MAX_QUERY_CHARS, CaptionHit, Hit, QueryError, Searcher
+from search.first_stage import BATCH_SCAN_MIN
 from search.images import NotIndexed, indexed_bytes, read_upload, thumbnail
 from search.jsonout import dumps
 
@@ -125,7 +126,9 @@ class ServedIndex:
         return int(self.searcher.index.manifest["generation"])
 
     def _warm(self, s: Searcher) -> None:
-        s.search("warm up", k=1, rerank=0)  # memory maps touched, scan plan built
+        # memory maps touched, the scan copies built: one query's, and a batch's (search.first_stage)
+        s.search_many([{"text": "warm up", "k": 1, "rerank": 0}])
+        s.search_many([{"text": "warm up", "k": 1, "rerank": 0}] * BATCH_SCAN_MIN)
 
     def check(self) -> bool:
         """Switch to a newer committed generation if there is one -> whether it switched. A generation that
@@ -181,14 +184,9 @@ class _Job:
 
 
 def run_searches(searcher: Searcher, searches: list[dict[str, Any]]) -> list[list[Hit] | Exception]:
-    """Text searches that arrived together, each result (or its error) in order."""
-    out: list[list[Hit] | Exception] = []
-    for kwargs in searches:
-        try:
-            out.append(searcher.search(**kwargs))
-        except Exception as e:  # handed to that request alone
-            out.append(e)
-    return out
+    """Text searches that arrived together, each result (or its error) in order: one `Searcher.search_many`,
+    so their texts are embedded in one pass and their ITC scans share one matrix product."""
+    return searcher.search_many(searches)
 
 
 class EngineThread:

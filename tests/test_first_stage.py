@@ -62,22 +62,27 @@ def near_ties(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return e, (t / np.linalg.norm(t, axis=-1, keepdims=True)).astype(np.float32)
 
 
+@pytest.mark.parametrize("batch_dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("n", [1, 7, 50, 128, 999, 1000, 1200])
-def test_fp16_scan_top_n_equals_the_fp32_scan(n):
+def test_low_precision_scan_top_n_equals_the_fp32_scan(n, batch_dtype):
+    """One query at a time (fp16 matrix-vector products) and a batch of 6 (one product over the batch_dtype
+    copy) give the fp32 scan's top n, image for image."""
     embeds, texts = near_ties(1000)
     index = ShardedEmbeddings(embeds)
-    half, full = FirstStage(index), FirstStage(index, scan_dtype="fp32")
+    half, full = FirstStage(index, batch_dtype=batch_dtype), FirstStage(index, scan_dtype="fp32")
     assert half.method == full.method == "scan"
     exact = np.einsum("iqd,bd->biq", embeds, texts).max(2)  # [B, images]
-    got_half, got_full = half.top(texts, n), full.top(texts, n)
-    assert len(got_half) == len(texts)
-    for b, ((ih, sh), (i32, s32)) in enumerate(zip(got_half, got_full, strict=True)):
-        assert ih.tolist() == i32.tolist()  # the same images in the same order, ties by image id
-        assert sh.tolist() == s32.tolist()  # and the same fp32 cosines
-        np.testing.assert_allclose(sh, top_images(index.ids, exact[b], n)[1], atol=1e-5)  # and they are the best
-    # the fp16 pass really is approximate here: neighbours' fp16 scores tie or swap where fp32 separates them
-    approx = (half.half_embeddings()[0].view(-1, D) @ torch.from_numpy(texts[0]).half()).view(1000, Q).amax(1)
-    assert len(np.unique(approx.float().numpy())) < len(np.unique(exact[0]))
+    got_full = full.top(texts, n)
+    for got_half in (half.top(texts, n), [half.top(t, n)[0] for t in texts]):
+        assert len(got_half) == len(texts)
+        for b, ((ih, sh), (i32, s32)) in enumerate(zip(got_half, got_full, strict=True)):
+            assert ih.tolist() == i32.tolist()  # the same images in the same order, ties by image id
+            assert sh.tolist() == s32.tolist()  # and the same fp32 cosines
+            np.testing.assert_allclose(sh, top_images(index.ids, exact[b], n)[1], atol=1e-5)  # and they are the best
+    # the low-precision passes really are approximate here: neighbours' scores tie or swap where fp32 separates them
+    for dtype in (torch.float16, half.batch_dtype):
+        approx = (half.scan_copy(dtype)[0].view(-1, D) @ torch.from_numpy(texts[0]).to(dtype)).view(1000, Q).amax(1)
+        assert len(np.unique(approx.float().numpy())) < len(np.unique(exact[0]))
 
 
 def test_one_query_vector_a_filter_and_empty_results():
@@ -95,6 +100,8 @@ def test_one_query_vector_a_filter_and_empty_results():
         stage.top(np.zeros((2, 3, D), np.float32), 4)
     with pytest.raises(ValueError):
         FirstStage(index, scan_dtype="int4")
+    with pytest.raises(ValueError):
+        FirstStage(index, batch_dtype="int8")
 
 
 def test_faiss_method_answers_a_batch_like_the_scan():
@@ -112,15 +119,17 @@ def test_faiss_method_answers_a_batch_like_the_scan():
 
 
 def test_rounding_bound_holds_for_same_signed_vectors():
-    """The fp16 scan's error bound assumes fp32 accumulation; all-positive vectors (no cancellation) would
-    break it if the matrix-vector kernel accumulated in fp16."""
+    """The scans' error bounds assume fp32 accumulation; all-positive vectors (no cancellation) would break
+    them if the fp16 matrix-vector or the bf16 matrix-matrix kernel accumulated in 16 bits."""
     rng = np.random.default_rng(0)
     e = rng.random((4000, D)).astype(np.float32)
     e /= np.linalg.norm(e, axis=1, keepdims=True)
-    t = rng.random(D).astype(np.float32)
-    t /= np.linalg.norm(t)
-    index = ShardedEmbeddings(np.repeat(e[:, None], Q, 1)[:500])
-    bound = FirstStage(index).rounding_bound(1.0, D)
-    approx = (torch.from_numpy(e).half() @ torch.from_numpy(t).half()).double().numpy()
-    err = np.abs(approx - e.astype(np.float64) @ t.astype(np.float64)).max()
-    assert 0 < err <= bound
+    t = rng.random((4, D)).astype(np.float32)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    stage = FirstStage(ShardedEmbeddings(np.repeat(e[:, None], Q, 1)[:500]))
+    exact = e.astype(np.float64) @ t.astype(np.float64).T  # [4000,4]
+    half = torch.stack([torch.from_numpy(e).half() @ q.half() for q in torch.from_numpy(t)], 1)
+    bf16 = torch.from_numpy(e).bfloat16() @ torch.from_numpy(t).bfloat16().T
+    for dtype, approx in ((torch.float16, half), (torch.bfloat16, bf16)):
+        err = np.abs(approx.double().numpy() - exact).max()
+        assert 0 < err <= stage.rounding_bound(1.0, D, dtype), dtype

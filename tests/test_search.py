@@ -105,6 +105,30 @@ def test_image_query_finds_itself_first(searcher, collection):
     assert combined[0].itm is not None and combined[0].image_sim is not None
 
 
+def test_search_many_answers_each_search_as_search_does(searcher, collection, monkeypatch):
+    searches = [
+        {"text": "a red square", "k": 5},
+        {"text": "   "},  # an error for this search alone
+        {"text": "a colourful picture", "k": 3, "offset": 2, "rerank": 0},
+        {"text": "anything", "k": 3, "where": "year >= ?", "params": [2003]},
+        {"image": collection / "purple.png", "k": 3},
+        {"text": "blue", "image": collection / "blue.png", "k": 4, "rerank": 4},
+        {"text": "a blue thing", "k": 2, "rerank": 3, "min_score": -1e9},
+    ]
+    singles = [None if i == 1 else searcher.search(**kw) for i, kw in enumerate(searches)]
+    batches = []
+    top = searcher.first_stage.top
+    monkeypatch.setattr(searcher.first_stage, "top", lambda t, n, allowed=None: batches.append(len(t)) or top(t, n, allowed))
+    got = searcher.search_many(searches)
+    assert isinstance(got[1], QueryError) and "empty" in str(got[1])
+    for i, (one, hits) in enumerate(zip(singles, got, strict=True)):
+        if one is not None:
+            assert [h.image_id for h in hits] == [h.image_id for h in one], searches[i]
+            assert [h.score for h in hits] == pytest.approx([h.score for h in one], abs=1e-5)
+            assert [h.rank for h in hits] == [h.rank for h in one]
+    assert batches[0] == 4  # the four unfiltered text searches share one first-stage pass
+
+
 def test_paging(searcher):
     full = searcher.search("a colourful picture", k=8)
     page2 = searcher.search("a colourful picture", k=3, offset=3)
