@@ -30,7 +30,7 @@ TEXT_LR_SCALE=${TEXT_LR_SCALE:-0.1}
 ATTN_LR_SCALE=${ATTN_LR_SCALE:-1.0}
 ITM_UNIFORM=${ITM_UNIFORM:-0.5}
 ITM_NEGATIVES=${ITM_NEGATIVES:-0}
-STAGE2_STEPS=${STAGE2_STEPS:-200}
+STAGE2_STEPS=${STAGE2_STEPS:-800}  # 0.85 epoch of 32-pair batches
 K_TEST=${K_TEST:-16}  # ITM re-ranking depth of the dev evaluation (the paper's 128 takes hours on a CPU)
 export HF_HUB_OFFLINE=1
 common=(--data-root "$F8K" --split train --device "$DEVICE" --seed 0 --cache-dir "$RUN/features" --no-progress --resume)
@@ -60,9 +60,9 @@ compact "$(step "$RUN/stage0" "$STAGE0_STEPS")" "$RUN/stage0_compact"
 compact "$(step "$RUN/stage1" "$STAGE1_STEPS")" "$RUN/blip2-tiny" blip2-tiny
 "$BIN/qsearch" bench retrieval --dataset flickr8k --root "$F8K" --split dev --model "$RUN/blip2-tiny" --k-test "$K_TEST" \
   --device "$DEVICE" --out "$RUN/blip2-tiny-dev.json"
-"$BIN/python" -m qformer.train --stage 2 "${common[@]}" --model "$RUN/blip2-tiny" --llm smollm2 \
-  --batch-size 32 --max-steps "$STAGE2_STEPS" --warmup-steps 20 --lr 1e-4 --min-lr 1e-5 \
-  --checkpoint-every 25 --log-every 5 --out-dir "$RUN/stage2"
+"$BIN/python" -m qformer.train --stage 2 "${common[@]}" --model "$RUN/blip2-tiny" --llm smollm2 --cache-views "$CACHE_VIEWS" \
+  --batch-size 32 --max-steps "$STAGE2_STEPS" --warmup-steps 50 --lr 3e-4 --min-lr 1e-5 \
+  --checkpoint-every 100 --log-every 10 --out-dir "$RUN/stage2"
 "$BIN/python" - "$(step "$RUN/stage2" "$STAGE2_STEPS")" "$RUN/blip2-tiny-llm" <<'PY'
 import sys
 from qformer.blip2_llm import Blip2LLM
