@@ -30,6 +30,7 @@ import importlib.util
 import json
 import logging
 import re
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,8 +403,10 @@ def generate_llm_token_ids(model: Blip2LLM, image_tokens: Tensor, prompt: str = 
             batch = TextBatch(prompt_ids.expand(b, -1), torch.ones_like(prompt_ids).expand(b, -1),
                               torch.full((b, 1), -100))
             inputs = model.llm_inputs(chunk, batch)
-            seqs = model.llm.generate(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
-                                      generation_config=gen)  # [b,T]
+            with warnings.catch_warnings():  # the guard skipping the prompt (given as embeddings) is what we want
+                warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+                seqs = model.llm.generate(inputs_embeds=inputs["inputs_embeds"],
+                                          attention_mask=inputs["attention_mask"], generation_config=gen)  # [b,T]
             if model.is_encoder_decoder:
                 seqs = seqs[:, 1:]  # the decoder start token
             for row in seqs.tolist():
