@@ -228,7 +228,7 @@ class Searcher:
         if text is not None:
             text = _checked_text(text)
         depth = max(want, FUSION_DEPTH) if hybrid else want  # hybrid fuses both rankings at depth >= 128
-        return _Plan(text, q_img, allowed, k, rerank, offset, hybrid and q_img is None, hybrid, min_score, want, depth)
+        return _Plan(text, q_img, allowed, k, rerank, offset, hybrid, min_score, want, depth)
 
     def _candidates(self, p: _Plan) -> None:
         """p.ids and their ITC / image-similarity scores: ITC for text, MaxSim for images (the pooled query
@@ -365,7 +365,6 @@ class _Plan:
     k: int
     rerank: int
     offset: int
-    fused: bool  # hybrid text search: the fused order is kept
     hybrid: bool
     min_score: float | None
     want: int  # candidates kept: max(rerank, k + offset)
@@ -377,6 +376,11 @@ class _Plan:
     sim: np.ndarray | None = None
     base: Any = 0.0  # itc (+ image similarity) per candidate
     itm: np.ndarray | None = None  # ITM logits of the first min(rerank, len(ids)) candidates
+
+    @property
+    def fused(self) -> bool:
+        """A hybrid text-only search: the fused candidate order is kept."""
+        return self.hybrid and self.q_img is None
 
 
 def _checked_text(text: str | None) -> str:
